@@ -1,0 +1,390 @@
+"""Cross-modal retrieval metrics for spoken captions and images.
+
+Evaluation convention (shared by SpeechCLIP, FaST-VGS and VG-HuBERT):
+
+* Images are de-duplicated by image id; the caller passes one embedding per *unique* image and, for every
+  spoken caption, the index of its image (:func:`image_index_from_ids` builds that index from id lists).
+* **speech -> image**: each caption queries the gallery of unique images; it hits at K if its own image is
+  among the top K.
+* **image -> speech**: each image queries the gallery of *all* captions; it hits at K if *any* of its
+  captions is among the top K, i.e. its rank is the best rank over its captions. Images may have any number
+  of captions; an image with no caption has nothing to retrieve and is left out of this direction (it still
+  takes part as a distractor for speech -> image).
+* Recall is reported in percent; ``mean_R@K`` is the mean of the two directions.
+
+Ties: a rank is ``1 + (number of non-relevant gallery items whose score is >= the best relevant score)``
+(``ties="pessimistic"``, the default): a relevant item only counts as found at K if it beats every tied
+distractor. This is deliberate: with the optimistic rule (``>``) a collapsed model whose embeddings are all
+equal would score 100 % R@1, which hides exactly the failure an evaluation should reveal. The optimistic
+rule is available as ``ties="optimistic"``. Neither rule depends on the gallery order, so results are
+deterministic. (The reference implementations use ``topk``/``argsort``, whose order among equal scores is
+unspecified; on tie-free scores all three rules agree.)
+
+Memory: similarities are computed one block of ``chunk_size`` queries at a time, so the full
+``N_captions x N_images`` matrix is never held; peak extra memory is O(chunk_size x gallery size).
+Unlike the reference code (which calls ``topk(100)``) nothing here needs a minimum number of items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ScoreBlock",
+    "Ties",
+    "combine_directions",
+    "dot_product_blocks",
+    "first_hit_ranks",
+    "image_index_from_ids",
+    "metrics_from_ranks",
+    "check_block",
+    "check_no_nan",
+    "count_ranked_above",
+    "positive_lists",
+    "ranked_above",
+    "ranks_from_positive_lists",
+    "ranks_given_positives",
+    "recall_at_k",
+    "retrieval_metrics",
+    "validate_caption_image",
+]
+
+#: Returns the scores of the queries in ``rows`` (a slice of query positions) against the whole gallery,
+#: shape ``[rows.stop - rows.start, n_gallery]``; higher means more similar.
+ScoreBlock = Callable[[slice], Tensor]
+
+#: How equal scores are ranked: ``"pessimistic"`` (ties count against the relevant item) or
+#: ``"optimistic"`` (ties count for it).
+Ties = Literal["pessimistic", "optimistic"]
+
+_DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
+
+
+def image_index_from_ids(caption_image_ids: Sequence[Hashable]) -> tuple[list[Hashable], Tensor]:
+    """De-duplicate the image ids of a caption list.
+
+    Args:
+        caption_image_ids: the image id of every caption, in caption order.
+
+    Returns:
+        ``(unique_ids, caption_image)``: the distinct ids in first-seen order (the order the reference
+        implementations use for the image gallery) and, per caption, the position of its id in
+        ``unique_ids`` as an int64 tensor of shape ``[len(caption_image_ids)]``.
+    """
+    position: dict[Hashable, int] = {}
+    index = [position.setdefault(image_id, len(position)) for image_id in caption_image_ids]
+    return list(position), torch.tensor(index, dtype=torch.long)
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Validate the cut-offs: positive integers, at least one."""
+    out = tuple(int(k) for k in ks)
+    if not out or any(k < 1 for k in out):
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {tuple(ks)!r}")
+    return out
+
+
+def _check_chunk_size(chunk_size: int) -> int:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return int(chunk_size)
+
+
+def _check_ties(ties: str) -> None:
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+
+
+def check_no_nan(scores: Tensor, what: str = "scores") -> None:
+    """Raise if ``scores`` holds a NaN.
+
+    A NaN compares False with everything, which would silently give a NaN-scored relevant item the best
+    possible rank. The sum is a cheap first test (one reduction, no ``[Q, G]`` mask); only when it is NaN
+    (a NaN, or +inf and -inf together) is the exact element-wise test run.
+    """
+    if torch.isnan(scores.sum()) and torch.isnan(scores).any():
+        raise ValueError(f"{what} contain NaN")
+
+
+def ranked_above(scores: Tensor, best: Tensor, ties: Ties) -> Tensor:
+    """Which scores are ranked ahead of a relevant item scoring ``best``, under the tie rule."""
+    return scores >= best if ties == "pessimistic" else scores > best
+
+
+_COUNT_COLUMNS = 4096
+
+
+def count_ranked_above(scores: Tensor, best: Tensor, ties: Ties) -> Tensor:
+    """Per row, how many scores are ranked ahead of ``best`` (``[Q, 1]``); int64 ``[Q]``.
+
+    Summing a boolean tensor first converts it to int64, a copy twice the size of a float32 score block;
+    counting over column slices keeps that temporary small, so the score block dominates the memory.
+    """
+    total = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    for start in range(0, scores.shape[1], _COUNT_COLUMNS):
+        total += ranked_above(scores[:, start : start + _COUNT_COLUMNS], best, ties).sum(dim=1)
+    return total
+
+
+def ranks_given_positives(scores: Tensor, positive: Tensor, ties: Ties = "pessimistic") -> Tensor:
+    """1-based rank of the best relevant item of each row of a (small) score block, from a dense mask.
+
+    Args:
+        scores: ``[Q, G]`` scores of Q queries against G gallery items.
+        positive: ``[Q, G]`` bool, True where the gallery item is relevant to the query.
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        int64 ``[Q]``: ``1 + #(non-relevant items scoring >= (or >) the best relevant score)``, and 0 for a
+        query without any relevant item.
+    """
+    check_no_nan(scores)
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    best = torch.where(positive, scores, neg_inf).amax(dim=1, keepdim=True)
+    ranks = 1 + (ranked_above(scores, best, ties) & ~positive).sum(dim=1)
+    return torch.where(positive.any(dim=1), ranks, torch.zeros_like(ranks))
+
+
+def positive_lists(query_labels: Tensor, gallery_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Gallery indices relevant to each query (same label), padded to a common length.
+
+    Returns:
+        ``(index, valid)``, both ``[Nq, P]`` with ``P`` the largest number of relevant items of a query
+        (at least 1): ``index[q, j]`` is a relevant gallery index where ``valid[q, j]``, else 0.
+    """
+    query_labels, gallery_labels = query_labels.long().cpu(), gallery_labels.long().cpu()
+    if len(gallery_labels) == 0:
+        shape = (len(query_labels), 1)
+        return torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
+    # Group the gallery by label: sorted order, then each label's run [start, start + count).
+    order = torch.argsort(gallery_labels, stable=True)
+    labels, counts = torch.unique_consecutive(gallery_labels[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    run = torch.searchsorted(labels, query_labels).clamp(max=len(labels) - 1)
+    n_pos = torch.where(labels[run] == query_labels, counts[run], 0)
+    width = max(int(n_pos.max()) if len(n_pos) else 0, 1)
+    offsets = torch.arange(width)
+    valid = offsets[None, :] < n_pos[:, None]
+    position = (starts[run][:, None] + offsets[None, :]).clamp(max=len(order) - 1)
+    return torch.where(valid, order[position], 0), valid
+
+
+def ranks_from_positive_lists(
+    scores: Tensor, index: Tensor, valid: Tensor, ties: Ties = "pessimistic"
+) -> Tensor:
+    """1-based rank of the best relevant item of each row, relevant items given as index lists.
+
+    Costs one comparison pass over ``scores`` and no ``[Q, G]`` mask beyond its boolean result: every item
+    beating the best relevant score is counted, then the relevant ones among them are subtracted.
+
+    Args:
+        scores: ``[Q, G]``.
+        index, valid: ``[Q, P]`` from :func:`positive_lists` (rows of this block).
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        int64 ``[Q]`` ranks; 0 for a query without any relevant item.
+    """
+    check_no_nan(scores)
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    pos_scores = torch.where(valid, scores.gather(1, index), neg_inf)
+    best = pos_scores.amax(dim=1, keepdim=True)
+    n_positive_above = (ranked_above(pos_scores, best, ties) & valid).sum(dim=1)
+    n_beating = count_ranked_above(scores, best, ties) - n_positive_above
+    return torch.where(valid.any(dim=1), 1 + n_beating, torch.zeros_like(n_beating))
+
+
+def first_hit_ranks(
+    score_block: ScoreBlock,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    *,
+    chunk_size: int = 1024,
+    ties: Ties = "pessimistic",
+) -> Tensor:
+    """Rank of the first relevant gallery item for every query, computed block by block.
+
+    A gallery item is relevant to a query when their labels are equal (for speech -> image the labels are
+    image indices: caption -> its image, image ``i`` -> ``i``). Only one ``[chunk_size, n_gallery]`` block of
+    scores exists at a time.
+
+    Args:
+        score_block: scores of a slice of queries against the whole gallery (see :data:`ScoreBlock`).
+        query_labels: int64 ``[Nq]``.
+        gallery_labels: int64 ``[Ng]``.
+        chunk_size: queries per block.
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        int64 ``[Nq]`` 1-based ranks; 0 for a query with no relevant gallery item.
+    """
+    _check_ties(ties)
+    chunk_size = _check_chunk_size(chunk_size)
+    n_queries, n_gallery = len(query_labels), len(gallery_labels)
+    index, valid = positive_lists(query_labels, gallery_labels)
+    ranks = torch.zeros(n_queries, dtype=torch.long)
+    for start in range(0, n_queries, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_queries))
+        scores = check_block(score_block, rows, n_gallery)
+        ranks[rows] = ranks_from_positive_lists(
+            scores, index[rows].to(scores.device), valid[rows].to(scores.device), ties
+        ).cpu()
+        # Free this block before the next one is computed; otherwise two blocks are alive at once.
+        del scores
+    return ranks
+
+
+def check_block(score_block: ScoreBlock, rows: slice, n_gallery: int) -> Tensor:
+    """Call ``score_block(rows)`` and check the shape of what it returns."""
+    scores = score_block(rows)
+    expected = (rows.stop - rows.start, n_gallery)
+    if tuple(scores.shape) != expected:
+        raise ValueError(f"score_block({rows}) returned shape {tuple(scores.shape)}, expected {expected}")
+    return scores
+
+
+def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = _DEFAULT_KS) -> dict[str, Any]:
+    """Recall@K (percent), mean and median rank from 1-based ranks.
+
+    The median of an even number of ranks is the mean of the two middle ones (the usual statistical
+    median). ``n_queries`` is the number of ranks.
+    """
+    ks = _check_ks(ks)
+    if ranks.numel() == 0:
+        raise ValueError("no queries to evaluate")
+    r = ranks.to(torch.float64)
+    out: dict[str, Any] = {}
+    for k in ks:
+        # hits / n in double precision, then percent: exact up to one rounding of the ratio.
+        out[f"R@{k}"] = 100.0 * int((ranks <= k).sum()) / ranks.numel()
+    ordered = r.sort().values
+    mid = ordered.numel() // 2
+    median = ordered[mid] if ordered.numel() % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    out["mean_rank"] = float(r.mean())
+    out["median_rank"] = float(median)
+    out["n_queries"] = int(ranks.numel())
+    return out
+
+
+def validate_caption_image(caption_image: Tensor, n_images: int) -> Tensor:
+    """Check that ``caption_image`` is a 1-D integer tensor of indices into ``n_images`` images.
+
+    Returns it as an int64 CPU tensor.
+    """
+    if caption_image.dim() != 1:
+        raise ValueError(
+            f"caption_image must be 1-D (one image index per caption), got {tuple(caption_image.shape)}"
+        )
+    if caption_image.is_floating_point() or caption_image.is_complex() or caption_image.dtype == torch.bool:
+        raise ValueError(f"caption_image must hold integer indices, got dtype {caption_image.dtype}")
+    caption_image = caption_image.long().cpu()
+    if caption_image.numel() == 0:
+        raise ValueError("no captions to evaluate")
+    if n_images == 0:
+        raise ValueError("no images to evaluate")
+    lo, hi = int(caption_image.min()), int(caption_image.max())
+    if lo < 0 or hi >= n_images:
+        raise ValueError(f"caption_image indices must lie in [0, {n_images}), found range [{lo}, {hi}]")
+    return caption_image
+
+
+def combine_directions(
+    speech_to_image: dict[str, Any], image_to_speech: dict[str, Any], ks: Sequence[int]
+) -> dict[str, Any]:
+    """Assemble the result dictionary: both directions plus ``mean_R@K`` (their average) per K."""
+    out: dict[str, Any] = {"speech_to_image": speech_to_image, "image_to_speech": image_to_speech}
+    for k in _check_ks(ks):
+        out[f"mean_R@{k}"] = (speech_to_image[f"R@{k}"] + image_to_speech[f"R@{k}"]) / 2
+    return out
+
+
+def retrieval_metrics(
+    speech_to_image_block: ScoreBlock,
+    image_to_speech_block: ScoreBlock,
+    caption_image: Tensor,
+    n_images: int,
+    *,
+    ks: Sequence[int] = _DEFAULT_KS,
+    chunk_size: int = 1024,
+    ties: Ties = "pessimistic",
+) -> dict[str, Any]:
+    """Retrieval metrics in both directions from arbitrary block scorers.
+
+    Args:
+        speech_to_image_block: ``rows -> [len(rows), n_images]`` scores of captions ``rows`` vs all images.
+        image_to_speech_block: ``rows -> [len(rows), n_captions]`` scores of images ``rows`` vs all captions.
+            Both may be dot products, a learned scorer, or anything else; they need not be transposes.
+        caption_image: int64 ``[n_captions]``, index of each caption's image in ``[0, n_images)``.
+        n_images: number of unique images.
+        ks: recall cut-offs. A K above the gallery size gives 100 % (every rank is within the gallery).
+        chunk_size: queries per block.
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        ``{"speech_to_image": {...}, "image_to_speech": {...}, "mean_R@K": ...}``; each direction holds
+        ``"R@K"`` (percent), ``"mean_rank"``, ``"median_rank"`` and ``"n_queries"``.
+    """
+    ks = _check_ks(ks)
+    caption_image = validate_caption_image(caption_image, n_images)
+    image_labels = torch.arange(n_images)
+    s2i = first_hit_ranks(
+        speech_to_image_block, caption_image, image_labels, chunk_size=chunk_size, ties=ties
+    )
+    i2s = first_hit_ranks(
+        image_to_speech_block, image_labels, caption_image, chunk_size=chunk_size, ties=ties
+    )
+    # Images without captions got rank 0 ("nothing relevant"): they are not image -> speech queries.
+    i2s = i2s[i2s > 0]
+    return combine_directions(metrics_from_ranks(s2i, ks), metrics_from_ranks(i2s, ks), ks)
+
+
+def _check_embeddings(speech_emb: Tensor, image_emb: Tensor) -> None:
+    if speech_emb.dim() != 2 or image_emb.dim() != 2 or speech_emb.shape[1] != image_emb.shape[1]:
+        raise ValueError(
+            "speech_emb and image_emb must be [N, D] with the same D, got "
+            f"{tuple(speech_emb.shape)} and {tuple(image_emb.shape)}"
+        )
+
+
+def dot_product_blocks(speech_emb: Tensor, image_emb: Tensor) -> tuple[ScoreBlock, ScoreBlock]:
+    """Block scorers for plain dot products: (captions vs images, images vs captions)."""
+    _check_embeddings(speech_emb, image_emb)
+
+    def speech_to_image(rows: slice) -> Tensor:
+        return speech_emb[rows] @ image_emb.T
+
+    def image_to_speech(rows: slice) -> Tensor:
+        return image_emb[rows] @ speech_emb.T
+
+    return speech_to_image, image_to_speech
+
+
+@torch.no_grad()
+def recall_at_k(
+    speech_emb: Tensor,
+    image_emb: Tensor,
+    caption_image: Tensor,
+    ks: Sequence[int] = _DEFAULT_KS,
+    chunk_size: int = 1024,
+    *,
+    ties: Ties = "pessimistic",
+) -> dict[str, Any]:
+    """Dot-product retrieval metrics in both directions (see :func:`retrieval_metrics` for the result).
+
+    Args:
+        speech_emb: ``[n_captions, D]`` caption embeddings (normalise them first for cosine similarity).
+        image_emb: ``[n_images, D]`` embeddings of the unique images.
+        caption_image: int64 ``[n_captions]``, index of each caption's image in ``image_emb``.
+        ks: recall cut-offs.
+        chunk_size: queries per similarity block.
+        ties: tie rule (see the module docstring).
+    """
+    _check_embeddings(speech_emb, image_emb)
+    if len(caption_image) != len(speech_emb):
+        raise ValueError(f"caption_image has {len(caption_image)} entries for {len(speech_emb)} captions")
+    s2i, i2s = dot_product_blocks(speech_emb, image_emb)
+    return retrieval_metrics(s2i, i2s, caption_image, len(image_emb), ks=ks, chunk_size=chunk_size, ties=ties)
