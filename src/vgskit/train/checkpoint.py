@@ -1,0 +1,427 @@
+"""Atomic, pickle-free training checkpoints.
+
+Layout under a checkpoint root (the Trainer uses ``<out_dir>/checkpoints``)::
+
+    step_1200/
+        model.safetensors        model state dict (shared tensors stored once, via safetensors.save_model)
+        config.json              model name + model config + train config
+        trainer_state.json       step, epoch, position in the epoch, best metric, seed, world size, ...
+        optimizer.safetensors    optimizer tensors (Adam moments, step counters)
+        optimizer.json           optimizer structure and scalars (param groups, lrs, betas)
+        scheduler.json           LR scheduler state
+        scaler.json              AMP GradScaler state (only when AMP with a scaler is on)
+        rng.safetensors/.json    RNG states of every rank (torch/CUDA tensors; python/numpy as JSON)
+    latest                       text file holding the name of the newest complete checkpoint
+    best/                        copy of the checkpoint that scored best on the selection metric
+
+No Python object is pickled: tensors go to safetensors, everything else to JSON (tuples, non-string dict
+keys and non-finite floats are tagged so they come back with their original types).
+
+Atomicity: a checkpoint is written into ``.tmp-step_<N>-<pid>/`` and moved to ``step_<N>/`` with one
+``os.replace`` (a rename, atomic on POSIX filesystems) after every file is flushed to disk; ``latest`` is then
+replaced the same way. A process killed at any point leaves the previous checkpoint and ``latest`` intact;
+stale ``.tmp-*`` folders are removed by the next save. A folder named ``step_<N>`` is therefore always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from vgskit.errors import InputFileError
+
+STEP_DIR_RE = re.compile(r"^step_(\d+)$")
+LATEST = "latest"
+BEST = "best"
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+class CheckpointError(InputFileError):
+    """A checkpoint folder that is missing, incomplete or does not fit the model/optimizer it is loaded into."""
+
+    kind = "checkpoint"
+
+
+# ------------------------------------------------------------------------------- tensors <-> safetensors + JSON
+
+
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts/lists/tuples/tensors/scalars) into a JSON structure and a tensor dict.
+
+    Each tensor is replaced by ``{"__tensor__": key}`` where ``key`` is its dotted path in the structure.
+    Anything that is neither a tensor nor JSON-representable raises ``TypeError`` naming its path, because
+    the alternative (pickling) is exactly what this format avoids.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            # A copy, because safetensors refuses tensors that share storage and needs contiguous CPU memory.
+            tensors[path] = x.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": path}
+        if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+            return x
+        if isinstance(x, float):
+            return x if math.isfinite(x) else {"__float__": repr(x)}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, Mapping):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in x.items()}
+            # Non-string keys (optimizer state is keyed by parameter index) must keep their type.
+            return {"__items__": [[enc(k, f"{path}.key{i}"), enc(v, f"{path}.{k}" if path else str(k))]
+                                  for i, (k, v) in enumerate(x.items())]}
+        if isinstance(x, np.generic):
+            return enc(x.item(), path)
+        raise TypeError(f"state entry {path or '<root>'}: {type(x).__name__} cannot be stored without pickling")
+
+    return enc(obj, ""), tensors
+
+
+def decode_state(structure: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`encode_state`."""
+    if isinstance(structure, list):
+        return [decode_state(v, tensors) for v in structure]
+    if isinstance(structure, dict):
+        if set(structure) == {"__tensor__"}:
+            return tensors[structure["__tensor__"]]
+        if set(structure) == {"__tuple__"}:
+            return tuple(decode_state(v, tensors) for v in structure["__tuple__"])
+        if set(structure) == {"__float__"}:
+            return float(structure["__float__"])
+        if set(structure) == {"__items__"}:
+            return {_hashable(decode_state(k, tensors)): decode_state(v, tensors) for k, v in structure["__items__"]}
+        return {k: decode_state(v, tensors) for k, v in structure.items()}
+    return structure
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(k) if isinstance(k, list) else k
+
+
+def save_state(obj: Any, directory: Path, name: str) -> None:
+    """Write ``obj`` as ``<name>.json`` (+ ``<name>.safetensors`` if it holds tensors) into ``directory``."""
+    structure, tensors = encode_state(obj)
+    if tensors:
+        save_file(tensors, str(directory / f"{name}.safetensors"))
+    _write_json(directory / f"{name}.json", structure)
+
+
+def load_state(directory: Path, name: str, device: str | torch.device = "cpu") -> Any:
+    """Read what :func:`save_state` wrote."""
+    js = directory / f"{name}.json"
+    if not js.is_file():
+        raise CheckpointError(directory, f"missing {name}.json")
+    structure = json.loads(js.read_text(encoding="utf-8"))
+    st = directory / f"{name}.safetensors"
+    tensors = load_file(str(st), device=str(device)) if st.is_file() else {}
+    return decode_state(structure, tensors)
+
+
+# ------------------------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and CUDA), python ``random`` and numpy global RNG states."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # The numpy key is a uint32 array; as a list of ints it is plain JSON and round-trips exactly.
+        "numpy": [np_state[0], [int(v) for v in np_state[1]], int(np_state[2]), int(np_state[3]),
+                  float(np_state[4])],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the global RNGs to a state from :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.to(torch.uint8).cpu() for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ------------------------------------------------------------------------------------------------ file helpers
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; directories cannot be opened this way on some platforms.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that readers see either the old or the new content, never a mix."""
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing an existing ``dst`` (rename cannot overwrite a non-empty dir)."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f"{_OLD_PREFIX}{dst.name}-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale(root: Path) -> None:
+    for p in root.iterdir():
+        if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{int(step)}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete ``step_<N>`` folders under ``root`` as ``(N, path)``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = STEP_DIR_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    trainer_state: Mapping[str, Any],
+    config: Mapping[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    rng_states: Sequence[Mapping[str, Any]] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write ``root/step_<step>/`` atomically, point ``root/latest`` at it and prune to ``keep_last`` folders.
+
+    ``model`` must be the bare module (not the DDP wrapper) so that parameter names carry no ``module.``
+    prefix. ``trainer_state`` and ``config`` must be JSON-representable. Returns the checkpoint folder.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
+    name = step_dir_name(step)
+    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        # save_model drops duplicate references to shared tensors (tied weights) that save_file rejects.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(tmp / "config.json", dict(config or {}))
+        _write_json(tmp / "trainer_state.json", dict(trainer_state))
+        if optimizer is not None:
+            save_state(optimizer.state_dict(), tmp, "optimizer")
+        if scheduler is not None:
+            save_state(scheduler.state_dict(), tmp, "scheduler")
+        if scaler is not None:
+            save_state(scaler.state_dict(), tmp, "scaler")
+        if rng_states is not None:
+            save_state(list(rng_states), tmp, "rng")
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = root / name
+    _replace_dir(tmp, final)
+    write_text_atomic(root / LATEST, name + "\n")
+    if keep_last is not None:
+        prune_checkpoints(root, keep_last)
+    return final
+
+
+def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step folders (never the one ``latest`` names); return removed."""
+    root = Path(root)
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    latest = latest_checkpoint(root)
+    removed = []
+    for _, p in list_checkpoints(root)[:-keep_last]:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        # Rename first so that a crash mid-delete leaves a stale ".old-" folder, not a half-empty step_<N>.
+        doomed = p.with_name(f"{_OLD_PREFIX}{p.name}-{os.getpid()}")
+        os.replace(p, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The folder ``root/latest`` names, or the newest complete ``step_<N>`` if the pointer is missing/stale."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        target = root / pointer.read_text(encoding="utf-8").strip()
+        if target.name and (target / "trainer_state.json").is_file():
+            return target
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def update_best(root: str | Path, step_dir: str | Path) -> Path:
+    """Make ``root/best`` an exact copy of ``step_dir`` (copied aside first, then swapped in by rename)."""
+    root, step_dir = Path(root), Path(step_dir)
+    tmp = root / f"{_TMP_PREFIX}{BEST}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(step_dir, tmp)
+    _replace_dir(tmp, root / BEST)
+    return root / BEST
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a checkpoint folder, a checkpoint root (uses ``latest``) or a run folder holding ``checkpoints/``."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(path, "no checkpoint found (expected step_<N>/ folders or a 'latest' pointer)")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What :func:`load_checkpoint` read besides the states it loaded into the given objects."""
+
+    path: Path
+    trainer_state: dict[str, Any]
+    config: dict[str, Any]
+    rng_states: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer_state.get("step", 0))
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+) -> LoadedCheckpoint:
+    """Load a checkpoint (folder, root or run folder, see :func:`resolve_checkpoint`) into the given objects.
+
+    ``model`` must be the bare module. Optimizer tensors are moved to their parameters' device by
+    ``Optimizer.load_state_dict``. Raises :class:`CheckpointError` naming the folder when something is
+    missing or does not fit.
+    """
+    ckpt = resolve_checkpoint(path)
+    if model is not None:
+        try:
+            load_model(model, str(ckpt / "model.safetensors"), strict=strict, device=str(device))
+        except (RuntimeError, OSError) as e:
+            raise CheckpointError(ckpt, f"model weights do not fit: {e}") from e
+    try:
+        if optimizer is not None:
+            optimizer.load_state_dict(load_state(ckpt, "optimizer"))
+        if scheduler is not None:
+            scheduler.load_state_dict(load_state(ckpt, "scheduler"))
+        if scaler is not None and (ckpt / "scaler.json").is_file():
+            scaler.load_state_dict(load_state(ckpt, "scaler"))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(ckpt, f"optimizer/scheduler state does not fit: {e}") from e
+    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8")) if (ckpt / "config.json").is_file() else {}
+    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    rng = load_state(ckpt, "rng") if (ckpt / "rng.json").is_file() else []
+    return LoadedCheckpoint(ckpt, state, config, list(rng))
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint (folder, root or run folder)."""
+    return json.loads((resolve_checkpoint(path) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+__all__ = [
+    "CheckpointError",
+    "LoadedCheckpoint",
+    "capture_rng_state",
+    "decode_state",
+    "encode_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_state",
+    "prune_checkpoints",
+    "read_trainer_state",
+    "resolve_checkpoint",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_state",
+    "update_best",
+    "write_text_atomic",
+]

@@ -1,0 +1,351 @@
+"""Typed training configuration, YAML recipes and dotted command-line overrides.
+
+A recipe is one YAML file with top-level sections, for example::
+
+    model: {name: dual_encoder, embed_dim: 512}
+    data: {manifest: data/flickr8k/manifest.jsonl}
+    train: {optimizer: adamw, lr: 3.0e-4, batch_size: 128, epochs: 30}
+
+Each section is turned into a dataclass by :func:`config_from_dict`, which checks every key against the
+dataclass fields and raises :class:`~vgskit.errors.ConfigError` naming the key (``train.lr``) for unknown
+keys, wrong types and out-of-range values. Overrides given as ``--set train.lr=3e-4`` are applied to the raw
+dict before the dataclasses are built, so they are checked exactly like values from the file::
+
+    recipe = load_recipe("recipes/flickr8k.yaml", overrides=["train.lr=3e-4", "train.epochs=2"])
+    cfg = train_config_from_recipe(recipe)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from vgskit.errors import ConfigError
+
+T = TypeVar("T")
+
+# PyYAML follows YAML 1.1, where ``3e-4`` (no dot, no exponent sign) is a *string*. Numeric fields therefore
+# also accept strings that look like numbers, so that the most common way of writing a learning rate works.
+_NUMBER_RE = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the :class:`~vgskit.train.loop.Trainer` needs besides the model and the data.
+
+    ``batch_size`` is the GLOBAL batch: with ``W`` processes each one computes ``batch_size / W`` examples
+    per step, so results do not depend on how many processes share the work.
+    Training length is ``max_steps`` or ``epochs`` (if both are given, whichever ends first). Warm-up is
+    ``warmup_steps`` or ``warmup_fraction`` of the total steps (not both; neither means no warm-up).
+
+    Less obvious fields:
+
+    * ``amp``: bf16 autocast on CPU, fp16 autocast with a GradScaler on CUDA.
+    * ``ckpt_every``: checkpoint every N steps; checkpoints are also written at each epoch end, when the
+      selection metric improves and when training stops. ``keep_last`` step folders are kept (null: all).
+    * ``eval_every``: ``'epoch'``, every N steps, or null; the final step is always evaluated.
+    * ``select_metric``/``select_mode``: key of the evaluation dict that picks ``checkpoints/best``.
+    * ``stop_after_steps``: stop (with a checkpoint) after this many steps *of this call*, e.g. to split a
+      run into jobs; ``time_budget_s`` does the same after this many seconds of training.
+    """
+
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int | None = None
+    warmup_fraction: float | None = None
+    max_steps: int | None = None
+    epochs: int | None = None
+    end_lr: float = 0.0
+    batch_size: int = 32
+    grad_clip: float | None = 1.0
+    amp: bool = False
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int | None = 1000
+    keep_last: int | None = 3
+    eval_every: Literal["epoch"] | int | None = "epoch"
+    select_metric: str | None = None
+    select_mode: Literal["max", "min"] = "max"
+    num_workers: int = 0
+    out_dir: str = "runs/default"
+    stop_after_steps: int | None = None
+    time_budget_s: float | None = None
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first field whose value is out of range."""
+        _check("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0", self.lr)
+        _check("weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
+        _check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "must be two numbers in [0, 1)", self.betas)
+        _check("eps", self.eps > 0, "must be > 0", self.eps)
+        _check("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must be >= 0",
+               self.warmup_steps)
+        _check("warmup_fraction", self.warmup_fraction is None or 0 <= self.warmup_fraction < 1,
+               "must be in [0, 1)", self.warmup_fraction)
+        _check("warmup_fraction", self.warmup_steps is None or self.warmup_fraction is None,
+               "give either warmup_steps or warmup_fraction, not both", self.warmup_fraction)
+        _check("max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1", self.max_steps)
+        _check("epochs", self.epochs is None or self.epochs >= 1, "must be >= 1", self.epochs)
+        _check("max_steps", self.max_steps is not None or self.epochs is not None,
+               "set max_steps or epochs (or both)", self.max_steps)
+        _check("end_lr", 0 <= self.end_lr <= self.lr, "must be in [0, lr]", self.end_lr)
+        _check("batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
+        _check("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 or null",
+               self.grad_clip)
+        _check("log_every", self.log_every >= 1, "must be >= 1", self.log_every)
+        _check("ckpt_every", self.ckpt_every is None or self.ckpt_every >= 1, "must be >= 1 or null",
+               self.ckpt_every)
+        _check("keep_last", self.keep_last is None or self.keep_last >= 1, "must be >= 1 or null",
+               self.keep_last)
+        _check("eval_every", self.eval_every is None or self.eval_every == "epoch"
+               or (isinstance(self.eval_every, int) and self.eval_every >= 1),
+               "must be 'epoch', an integer >= 1 or null", self.eval_every)
+        _check("num_workers", self.num_workers >= 0, "must be >= 0", self.num_workers)
+        _check("out_dir", bool(self.out_dir), "must not be empty", self.out_dir)
+        _check("stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
+               "must be >= 1 or null", self.stop_after_steps)
+        _check("time_budget_s", self.time_budget_s is None or self.time_budget_s > 0, "must be > 0 or null",
+               self.time_budget_s)
+
+
+def _check(key: str, ok: bool, problem: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem} (got {value!r})")
+
+
+# --------------------------------------------------------------------------------------------- dict -> dataclass
+
+
+def config_from_dict(cls: type[T], d: Mapping[str, Any] | None, prefix: str = "") -> T:
+    """Build dataclass ``cls`` (possibly with nested dataclass fields) from a plain dict.
+
+    Raises :class:`ConfigError` whose message starts with the dotted key (``prefix.key``) for unknown keys,
+    missing required keys, values of the wrong type and values rejected by the dataclass's own checks.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    where = prefix or cls.__name__
+    if d is None:
+        d = {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in d:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(f"{_join(prefix, str(key))}: unknown key{hint}")
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in d:
+            kwargs[name] = _coerce(d[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: missing required key")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        # Range checks in __post_init__ name the bare field; add the section so the message is a full key.
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to annotation ``tp``, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{key}: expected null, got {value!r}")
+    if origin is Union or origin is types.UnionType:
+        # Try the members in order; None is matched exactly so that "null" never becomes a string.
+        if value is None and type(None) in args:
+            return None
+        for member in args:
+            if member is type(None):
+                continue
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                continue
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value in args and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: must be one of {', '.join(repr(a) for a in args)} (got {value!r})")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return config_from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+            as_float = float(value)
+            if as_float.is_integer():
+                return int(as_float)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER_RE.match(value.strip()):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise ConfigError(f"{key}: expected a path, got {value!r}")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        ktp, vtp = args if args else (Any, Any)
+        return {_coerce(k, ktp, key): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------- recipes, overrides
+
+
+def load_recipe(path: str | Path, overrides: Iterable[str] | None = None) -> dict[str, Any]:
+    """Read a YAML recipe into a dict of sections and apply dotted ``overrides`` (``"train.lr=3e-4"``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: cannot read ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path}: not valid YAML ({e})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: top level must be a mapping of sections, got {type(data).__name__}")
+    for section, body in data.items():
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"{section}: recipe section must be a mapping, got {body!r}")
+    return apply_overrides(data, overrides or [])
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``"train.lr=3e-4"`` into ``(["train", "lr"], 3e-4)``; the value is parsed with ``yaml.safe_load``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r}: empty key component in {key!r}")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse override value {raw!r} ({e})") from None
+    return parts, value
+
+
+def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``d`` with each dotted ``KEY=VALUE`` override set (missing levels are created).
+
+    Unknown keys are not rejected here: the dataclass built from the section does that, naming the key.
+    """
+    out = copy.deepcopy(dict(d))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: dict[str, Any] = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: i + 1])
+                raise ConfigError(f"{where}: cannot set {'.'.join(parts)}, {where} is {child!r}, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def train_config_from_recipe(recipe: Mapping[str, Any], section: str = "train") -> TrainConfig:
+    """Build the :class:`TrainConfig` from the ``train`` section of a loaded recipe."""
+    return config_from_dict(TrainConfig, recipe.get(section) or {}, prefix=section)
+
+
+def to_jsonable(obj: Any, key: str = "config") -> Any:
+    """Convert dataclasses, paths and tuples to JSON types; raise ConfigError naming anything else."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name), f"{key}.{f.name}") for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, f"{key}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{key}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    raise ConfigError(f"{key}: cannot be written as JSON ({type(obj).__name__})")
+
+
+__all__ = [
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "load_recipe",
+    "parse_override",
+    "to_jsonable",
+    "train_config_from_recipe",
+]
