@@ -196,7 +196,7 @@ def test_checkpoint_config_and_tensorboard(tmp_path):
     t.fit()
     ckpt = list_checkpoints(tmp_path / "checkpoints")[-1][1]
     config = json.loads((ckpt / "config.json").read_text())
-    assert config["model"] == {"name": "toy", "config": {"dropout": 0.2}}
+    assert config["model"] == "toy" and config["config"] == {"dropout": 0.2}
     assert config["train"]["max_steps"] == 2 and config["train"]["betas"] == [0.9, 0.999]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 

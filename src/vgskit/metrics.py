@@ -27,7 +27,7 @@ Unlike the reference code (which calls ``topk(100)``) nothing here needs a minim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -388,3 +388,16 @@ def recall_at_k(
         raise ValueError(f"caption_image has {len(caption_image)} entries for {len(speech_emb)} captions")
     s2i, i2s = dot_product_blocks(speech_emb, image_emb)
     return retrieval_metrics(s2i, i2s, caption_image, len(image_emb), ks=ks, chunk_size=chunk_size, ties=ties)
+
+
+def format_recall_table(results: Mapping[str, Any], ceiling: Mapping[str, Any] | None = None,
+                        ks: Sequence[int] = (1, 5, 10)) -> str:
+    """A plain-text table of R@K per direction (percent), with the ceiling row under each when given."""
+    lines = [f"{'direction':<18}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
+    for key in ("speech_to_image", "image_to_speech"):
+        if key not in results:
+            continue
+        lines.append(f"{key.replace('_', ' '):<18}" + "".join(f"{results[key][f'R@{k}']:>8.1f}" for k in ks))
+        if ceiling is not None and key in ceiling:
+            lines.append(f"{'  (ceiling)':<18}" + "".join(f"{ceiling[key][f'R@{k}']:>8.1f}" for k in ks))
+    return "\n".join(lines)

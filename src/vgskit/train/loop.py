@@ -211,8 +211,11 @@ class Trainer:
         self.evaluate_fn = evaluate_fn
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
+        # Same layout as vgskit.models.registry.save_pretrained, so any checkpoint folder (step_N/ or best/)
+        # loads with load_pretrained(); the training settings ride along under "train" and "extra".
         self.run_config = {
-            "model": {"name": model_name, "config": to_jsonable(model_config, "model")},
+            "model": model_name,
+            "config": to_jsonable(model_config, "model"),
             "train": to_jsonable(cfg, "train"),
             "extra": to_jsonable(dict(extra_config or {}), "extra"),
         }

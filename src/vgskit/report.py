@@ -1,0 +1,134 @@
+"""Self-contained HTML report (plus the same results as JSON) for an evaluation run.
+
+The page embeds every picture and audio clip as a data URI so that it can be mailed or archived as a
+single file next to ``results.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DIRECTIONS = (("speech_to_image", "speech → image"), ("image_to_speech", "image → speech"))
+
+
+def plot_training_curve(rows: Sequence[dict], out_png: str | Path, *, metric: str = "mean_R@10") -> Path | None:
+    """Training loss (left axis) and validation recall (right axis) against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train" and "loss" in r]
+    evals = [(r["step"], r[f"val/{metric}"]) for r in rows if r.get("kind") == "eval" and f"val/{metric}" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:blue", lw=1, label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*evals, strict=True), "o-", color="tab:orange", label=f"val {metric}")
+        ax2.set_ylabel(f"validation {metric} (%)", color="tab:orange")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def _data_uri(path: str | Path, mime: str) -> str:
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _thumbnail_uri(path: str | Path, size: int = 128) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _recall_table(results: dict[str, Any], ceiling: dict[str, Any] | None, ks: Sequence[int]) -> str:
+    head = "".join(f"<th>R@{k}</th>" for k in ks)
+    rows = []
+    for key, label in DIRECTIONS:
+        vals = results.get(key, {})
+        cells = "".join(f"<td>{vals.get(f'R@{k}', float('nan')):.1f}</td>" for k in ks)
+        extra = f"<td>{vals.get('median_rank', float('nan')):.0f}</td>"
+        rows.append(f"<tr><th>{label}</th>{cells}{extra}</tr>")
+        if ceiling and key in ceiling:
+            cvals = ceiling[key]
+            ccells = "".join(f"<td class=c>{cvals.get(f'R@{k}', float('nan')):.1f}</td>" for k in ks)
+            rows.append(f"<tr class=c><td>&nbsp;&nbsp;ceiling</td>{ccells}<td></td></tr>")
+    return (f"<table><tr><th>direction</th>{head}<th>median rank</th></tr>" + "".join(rows) + "</table>")
+
+
+def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ceiling: dict[str, Any] | None = None,
+                 metrics_rows: Sequence[dict] = (), queries: Sequence[dict] = (), info: dict[str, Any] | None = None,
+                 ks: Sequence[int] = (1, 5, 10)) -> tuple[Path, Path]:
+    """Write ``report.html`` and ``results.json`` into ``out_dir``.
+
+    ``queries`` items: ``{"audio": path, "transcript": str, "gold_image_id": str,
+    "hits": [{"rank", "item_id", "path", "score"}, ...]}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curve = plot_training_curve(metrics_rows, out_dir / "training_curve.png")
+
+    payload = {"title": title, "results": results, "ceiling": ceiling, "info": info or {},
+               "queries": [{k: v for k, v in q.items()} for q in queries]}
+    json_path = out_dir / "results.json"
+    tmp = json_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(json_path)
+
+    parts = [
+        "<!doctype html><html><head><meta charset=utf-8>",
+        f"<title>{html.escape(title)}</title><style>",
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}",
+        "tr.c td{color:#777;font-style:italic}.q{border-top:1px solid #ddd;padding:1em 0}",
+        ".hits{display:flex;gap:8px}.hit{text-align:center;font-size:12px}.gold img{outline:4px solid #2a2}",
+        "</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        "<h2>Retrieval on the test split</h2>",
+        _recall_table(results, ceiling, ks),
+        "<p>Recall in percent. speech → image: the gallery is the unique test images; image → speech: the gallery "
+        "is every test caption and a query counts as a hit when any caption of its image is in the top K. "
+        "The ceiling row is the best expected recall of a system that uses each caption's stated facts "
+        "perfectly (captions true of several images leave ties).</p>",
+    ]
+    if info:
+        parts.append("<h2>Run</h2><table>" + "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in info.items())
+            + "</table>")
+    if curve is not None:
+        parts += ["<h2>Training</h2>", f"<img alt='training curve' src='{_data_uri(curve, 'image/png')}'>"]
+    if queries:
+        parts.append("<h2>Sample spoken queries (top 5 images)</h2>")
+    for q in queries:
+        audio = f"<audio controls src='{_data_uri(q['audio'], 'audio/wav')}'></audio>" if q.get("audio") else ""
+        hits = []
+        for h in q["hits"]:
+            gold = " gold" if h["item_id"] == q.get("gold_image_id") else ""
+            hits.append(f"<div class='hit{gold}'><img src='{_thumbnail_uri(h['path'])}'><br>#{h['rank']} "
+                        f"{html.escape(str(h['item_id']))}<br>{h['score']:.3f}</div>")
+        parts.append(f"<div class=q><b>“{html.escape(q.get('transcript') or '')}”</b> {audio}"
+                     f"<div class=hits>{''.join(hits)}</div></div>")
+    parts.append("<p>Green outline: the image the query was spoken about.</p></body></html>")
+    html_path = out_dir / "report.html"
+    tmp = html_path.with_suffix(".html.tmp")
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.replace(html_path)
+    return html_path, json_path
