@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -24,13 +23,6 @@ from vgskit.data.synthetic import (
 )
 from vgskit.errors import ConfigError, VGSKitError
 
-needs_tools = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None
-    or shutil.which("flite") is None
-    or not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
-    reason="needs espeak-ng, flite and dataset-fashion-mnist",
-)
-
 # Smaller than the tiny preset where the test only needs a few images, to keep the suite fast.
 SMALL = SpokenScenesConfig(num_train=3, num_val=1, num_test=2)
 
@@ -41,13 +33,10 @@ def _records(manifest: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("espeak-ng") is None or shutil.which("flite") is None:
-        pytest.skip("needs espeak-ng and flite")
     out = tmp_path_factory.mktemp("tiny")
     return generate_spoken_scenes(out, PRESETS["tiny"], workers=2, progress=False)
 
 
-@needs_tools
 def test_tiny_counts_captions_audio_and_images(tiny: Path) -> None:
     recs = _records(tiny)
     cfg = PRESETS["tiny"]
@@ -75,7 +64,6 @@ def test_tiny_counts_captions_audio_and_images(tiny: Path) -> None:
     assert json.loads((tiny.parent / "corpus.json").read_text())["config"]["num_train"] == cfg.num_train
 
 
-@needs_tools
 def test_captions_are_true_of_their_scene_and_say_their_facts(tiny: Path) -> None:
     facts = json.loads((tiny.parent / "facts.json").read_text())
     scenes, captions = facts["scenes"], facts["captions"]
@@ -182,7 +170,6 @@ def test_hypergeometric_recall_matches_enumeration() -> None:
         assert synthetic._recall_hypergeometric(n, g, k) == pytest.approx(hits / len(orders))
 
 
-@needs_tools
 def test_ceiling_of_generated_corpus(tiny: Path) -> None:
     result = ceiling(tiny.parent, "test")
     assert result["num_images"] == PRESETS["tiny"].num_test
@@ -191,7 +178,6 @@ def test_ceiling_of_generated_corpus(tiny: Path) -> None:
         assert 0 < values[0] <= values[1] <= values[2] <= 100
 
 
-@needs_tools
 def test_same_seed_same_corpus_other_seed_differs(tmp_path: Path) -> None:
     a = generate_spoken_scenes(tmp_path / "a", SMALL, workers=1, progress=False)
     b = generate_spoken_scenes(tmp_path / "b", SMALL, workers=2, progress=False)
@@ -206,7 +192,6 @@ def test_same_seed_same_corpus_other_seed_differs(tmp_path: Path) -> None:
     assert (a.parent / image).read_bytes() != (c.parent / image).read_bytes()
 
 
-@needs_tools
 def test_cache_hit_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest = generate_spoken_scenes(tmp_path, SMALL, workers=1, progress=False)
     recs = _records(manifest)
