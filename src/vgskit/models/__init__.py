@@ -1,0 +1,26 @@
+"""Retrieval models, built by name from dataclass configs (see :mod:`vgskit.models.registry`)."""
+
+from vgskit.models.base import RetrievalModel
+from vgskit.models.registry import (
+    create_model,
+    create_model_from_config,
+    list_models,
+    load_pretrained,
+    register_model,
+    save_pretrained,
+)
+
+# Importing a model module registers its names.
+from vgskit.models.dual_encoder import DualEncoder, DualEncoderConfig  # noqa: E402  isort: skip
+
+__all__ = [
+    "DualEncoder",
+    "DualEncoderConfig",
+    "RetrievalModel",
+    "create_model",
+    "create_model_from_config",
+    "list_models",
+    "load_pretrained",
+    "register_model",
+    "save_pretrained",
+]

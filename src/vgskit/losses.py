@@ -1,0 +1,147 @@
+"""Contrastive losses for speech–image retrieval.
+
+Masked symmetric InfoNCE
+------------------------
+A batch holds ``N`` spoken captions with embeddings ``s_1..s_N`` and the image id ``g_i`` of each caption.
+Several captions may describe the same image, so images are **de-duplicated**: ``v_1..v_M`` are the
+embeddings of the ``M`` distinct ids ``u_1..u_M`` (first occurrence of each id in the batch), and
+``j(i)`` is the index of caption ``i``'s image. With L2-normalised embeddings and scale ``τ⁻¹``,
+``ℓ[i, j] = τ⁻¹ · <s_i, v_j>`` is an ``[N, M]`` logit matrix, and
+
+* speech→image, one term per caption over the unique images (each image appears once, so the gold image
+  is the only positive in the row)::
+
+      L_s2i(i) = -ℓ[i, j(i)] + log Σ_{j=1..M} exp ℓ[i, j]
+
+* image→speech, one term per caption (i.e. per positive pair), over the gold image's column with the
+  *other captions of the same image removed* from the denominator (they are not negatives)::
+
+      L_i2s(i) = -ℓ[i, j(i)] + log( exp ℓ[i, j(i)] + Σ_{k : g_k ≠ g_i} exp ℓ[k, j(i)] )
+
+* ``loss = ½ (mean_i L_s2i(i) + mean_i L_i2s(i))``.
+
+This is the SpeechCLIP convention (same-image captions leave the denominator) written over unique images,
+which avoids an image competing against copies of itself when a batch has two captions per image.
+
+Distributed training
+--------------------
+With ``gather=True`` and a process group of ``W > 1`` ranks, embeddings and ids are all-gathered (with
+gradient) so every rank computes the *same* loss over the global batch. The gather's backward sums the
+gradients of all ranks' (identical) losses and returns each rank its slice, so rank ``r``'s parameter
+gradient is ``W · ∂L/∂θ|_{rank r's samples}``; DDP's average over ranks then gives exactly
+``Σ_r ∂L/∂θ|_r = ∂L/∂θ``, the single-process gradient on the global batch. All ranks must hold the same
+number of captions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def unique_images(image_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """De-duplicate caption-level image ids.
+
+    Args:
+        image_ids: ``[N]`` image id of each caption.
+
+    Returns:
+        ``first`` ``[M]``: index of the first caption of each distinct image (ids in ascending order), and
+        ``target`` ``[N]``: index into ``first`` of each caption's image.
+    """
+    _, target = torch.unique(image_ids, sorted=True, return_inverse=True)  # [N]
+    m = int(target.max().item()) + 1 if target.numel() else 0
+    n = image_ids.shape[0]
+    positions = torch.arange(n, device=image_ids.device)
+    first = torch.full((m,), n, dtype=torch.long, device=image_ids.device)
+    first = first.scatter_reduce(0, target, positions, reduce="amin")
+    return first, target
+
+
+def masked_infonce_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-caption loss terms of both directions (see the module docstring).
+
+    Args:
+        logits: ``[N, M]`` scaled similarities, captions × unique images.
+        target: ``[N]`` index of each caption's image (a column of ``logits``).
+
+    Returns:
+        ``(s2i, i2s)``, each ``[N]``.
+    """
+    n, m = logits.shape
+    rows = torch.arange(n, device=logits.device)
+    positive = logits[rows, target]  # [N]
+    s2i = torch.logsumexp(logits, dim=1) - positive
+    # same[k, j]: caption k belongs to image j. Those entries leave every image→speech denominator of column
+    # j (the term's own positive is added back explicitly below). A finite fill instead of -inf keeps the
+    # logsumexp of a column with no negatives finite, and masked_fill's backward gives them zero gradient.
+    same = F.one_hot(target, m).bool()  # [N, M]
+    negatives = logits.masked_fill(same, torch.finfo(logits.dtype).min)
+    negative_lse = torch.logsumexp(negatives, dim=0)  # [M]
+    i2s = torch.logaddexp(positive, negative_lse[target]) - positive
+    return s2i, i2s
+
+
+class InfoNCELoss(nn.Module):
+    """Symmetric masked InfoNCE over L2-normalised embeddings with a learnable or fixed temperature.
+
+    Args:
+        init_temperature: initial ``τ`` (logit scale ``1/τ``; default 0.07 as in CLIP).
+        learnable_temperature: learn ``log(1/τ)``; otherwise it is a fixed buffer.
+        max_logit_scale: upper bound on ``1/τ`` (clamped in the forward pass, as in CLIP, so the
+            temperature cannot collapse and blow up the logits).
+        gather: all-gather across ranks when a process group with more than one rank is active.
+    """
+
+    def __init__(
+        self,
+        init_temperature: float = 0.07,
+        learnable_temperature: bool = True,
+        max_logit_scale: float = 100.0,
+        gather: bool = True,
+    ):
+        super().__init__()
+        init = torch.tensor(math.log(1.0 / init_temperature), dtype=torch.float32)
+        if learnable_temperature:
+            self.logit_scale = nn.Parameter(init)
+        else:
+            self.register_buffer("logit_scale", init)
+        self.max_logit_scale = max_logit_scale
+        self.gather = gather
+
+    def scale(self) -> Tensor:
+        """Current logit scale ``1/τ`` (clamped)."""
+        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def _gather(self, speech: Tensor, image: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not (self.gather and torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return speech, image, image_ids
+        from vgskit.train.distributed import all_gather_no_grad, all_gather_with_grad, get_world_size
+
+        if get_world_size() <= 1:
+            return speech, image, image_ids
+        return all_gather_with_grad(speech), all_gather_with_grad(image), all_gather_no_grad(image_ids)
+
+    def forward(self, speech: Tensor, image: Tensor, image_ids: Tensor | None = None) -> Tensor:
+        """Loss for a batch of captions.
+
+        Args:
+            speech: ``[N, D]`` caption embeddings (L2-normalised).
+            image: ``[N, D]`` image embedding of each caption's image, row-aligned with ``speech``
+                (rows of captions of the same image are equal; only the first occurrence is used).
+            image_ids: ``[N]`` image id (or any group id) per caption; ``None`` means every caption has its
+                own image (plain CLIP loss).
+
+        Returns:
+            Scalar loss.
+        """
+        if image_ids is None:
+            image_ids = torch.arange(speech.shape[0], device=speech.device)
+        speech, image, image_ids = self._gather(speech, image, image_ids)  # [N_global, ...]
+        first, target = unique_images(image_ids)  # [M], [N]
+        logits = self.scale() * speech @ image[first].T  # [N, M]
+        s2i, i2s = masked_infonce_terms(logits, target)
+        return 0.5 * (s2i.mean() + i2s.mean())

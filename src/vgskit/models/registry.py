@@ -1,0 +1,165 @@
+"""Build models by name from dataclass configs; save and load them without pickle.
+
+A registry entry is a model class plus an optional preset config, so named sizes (``dual_encoder_tiny``,
+``dual_encoder``) are just extra entries for the same class::
+
+    model = create_model("dual_encoder", embed_dim=128, audio={"channels": [256, 256]})
+    save_pretrained(model, "out/model")        # model.safetensors + config.json
+    model = load_pretrained("out/model")
+
+Overrides are merged into the preset field by field; a mapping given for a nested dataclass field is merged
+into that nested config. Unknown model names and unknown keys raise :class:`~vgskit.errors.ConfigError`
+listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from vgskit.errors import ConfigError
+from vgskit.models.base import RetrievalModel
+
+M = TypeVar("M", bound=type[RetrievalModel])
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_METADATA_KEYS = {"image_transform", "vgskit_version", "format_version"}
+
+_MODELS: dict[str, tuple[type[RetrievalModel], Any]] = {}
+
+
+def register_model(name: str, config: Any | None = None) -> Callable[[M], M]:
+    """Class decorator registering a :class:`RetrievalModel` under ``name``.
+
+    Args:
+        name: registry name.
+        config: preset config instance for this name; ``None`` uses ``cls.config_class()`` defaults.
+    """
+
+    def decorator(cls: M) -> M:
+        previous = _MODELS.get(name)
+        if previous is not None and previous[0].__qualname__ != cls.__qualname__:
+            raise ConfigError(f"model name {name!r} is already registered to {previous[0].__qualname__}")
+        if config is not None and not isinstance(config, cls.config_class):
+            raise ConfigError(f"preset for {name!r} must be a {cls.config_class.__name__}")
+        _MODELS[name] = (cls, config)
+        return cls
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    _import_builtin_models()
+    return sorted(_MODELS)
+
+
+def _import_builtin_models() -> None:
+    # Registration happens on import of each model module; importing the package pulls them all in.
+    import vgskit.models  # noqa: F401
+
+
+def merge_config(base: Any, overrides: Mapping[str, Any], where: str = "config") -> Any:
+    """Return a copy of dataclass ``base`` with ``overrides`` applied (nested mappings merge recursively)."""
+    valid = [f.name for f in fields(base)]
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {valid}")
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        current = getattr(base, key)
+        if is_dataclass(current) and not isinstance(current, type):
+            if isinstance(value, Mapping):
+                value = merge_config(current, value, f"{where}.{key}")
+            elif not isinstance(value, type(current)):
+                raise ConfigError(
+                    f"{where}.{key}: expected a mapping or {type(current).__name__}, got {type(value).__name__}"
+                )
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)  # JSON has no tuples
+        changes[key] = value
+    try:
+        return replace(base, **changes)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def create_model(name: str, **config_overrides: Any) -> RetrievalModel:
+    """Build the model registered as ``name``, its preset config updated with ``config_overrides``."""
+    _import_builtin_models()
+    if name not in _MODELS:
+        raise ConfigError(f"unknown model {name!r}; available models are {sorted(_MODELS)}")
+    cls, preset = _MODELS[name]
+    base = copy.deepcopy(preset) if preset is not None else cls.config_class()
+    config = merge_config(base, config_overrides, where=name)
+    model = cls(config)
+    model.model_name = name
+    return model
+
+
+def create_model_from_config(config: Mapping[str, Any]) -> RetrievalModel:
+    """Build a model from ``{"model": name, "config": {...overrides}}`` (the layout of ``config.json``)."""
+    if not isinstance(config, Mapping) or "model" not in config:
+        raise ConfigError('model config must be a mapping with a "model" key (and optionally "config")')
+    unknown = sorted(set(config) - {"model", "config"} - _METADATA_KEYS)
+    if unknown:
+        raise ConfigError(f"model config: unknown key(s) {unknown}; valid keys are ['config', 'model']")
+    overrides = config.get("config") or {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f'model config: "config" must be a mapping, got {type(overrides).__name__}')
+    return create_model(str(config["model"]), **overrides)
+
+
+def model_config_dict(model: RetrievalModel) -> dict[str, Any]:
+    """The JSON-serialisable description of ``model`` written to ``config.json``."""
+    if not model.model_name:
+        raise ConfigError("model has no registry name; build it with create_model() before saving")
+    from vgskit import __version__
+
+    return {
+        "model": model.model_name,
+        "config": asdict(model.config),
+        "image_transform": model.image_transform,
+        "vgskit_version": __version__,
+    }
+
+
+def save_pretrained(model: RetrievalModel, directory: str | Path) -> Path:
+    """Write ``model.safetensors`` (weights, no pickle) and ``config.json`` into ``directory``."""
+    from safetensors.torch import save_model
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    description = model_config_dict(model)
+    save_model(model, str(directory / WEIGHTS_FILE))
+    (directory / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> RetrievalModel:
+    """Rebuild a model saved by :func:`save_pretrained`; returned in eval mode."""
+    from safetensors.torch import load_model
+
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError(f"{directory}: no {CONFIG_FILE} (not a saved vgskit model)")
+    try:
+        description = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{config_path}: invalid JSON ({exc})") from exc
+    model = create_model_from_config(description)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{directory}: no {WEIGHTS_FILE}")
+    load_model(model, str(weights), strict=True, device=str(device))
+    return model.to(device).eval()

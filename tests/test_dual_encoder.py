@@ -1,0 +1,157 @@
+"""Encoders, the dual encoder, and the model registry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vgskit.encoders import AudioCNNConfig, AudioCNNEncoder, ImageCNNConfig, ImageCNNEncoder
+from vgskit.errors import ConfigError
+from vgskit.features import LogMelConfig
+from vgskit.models import (
+    DualEncoder,
+    create_model,
+    create_model_from_config,
+    list_models,
+    load_pretrained,
+    save_pretrained,
+)
+
+
+def _batch(n_images: int = 4, caps: int = 2, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    n = n_images * caps
+    lengths = torch.randint(4000, 12000, (n,), generator=g)
+    wavs = torch.randn(n, int(lengths.max()), generator=g) * 0.1
+    wavs *= torch.arange(wavs.shape[1])[None] < lengths[:, None]
+    pixels = torch.randn(n_images, 3, size, size, generator=g).repeat_interleave(caps, dim=0)
+    return {"wavs": wavs, "lengths": lengths, "pixels": pixels, "image_ids": torch.arange(n) // caps}
+
+
+def _activate_residual_branches(module: torch.nn.Module) -> None:
+    """Residual branches start at zero (zero-init conv or zero gain); make them count, as after training,
+    so that every convolution can leak padding into the output if masking were wrong."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for m in module.modules():
+            if getattr(m, "gain", None) is not None:
+                m.gain.fill_(0.5)
+            if hasattr(m, "conv2"):
+                m.conv2.weight.normal_(0.0, 0.2)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_audio_encoder_contract_and_padding_invariance(norm: bool) -> None:
+    torch.manual_seed(0)
+    cfg = AudioCNNConfig(
+        features=LogMelConfig(n_mels=20), stem_channels=(16, 24), channels=(24, 32), depths=(1, 2), strides=(1, 2),
+        norm=norm,
+    )
+    # float64 so that any difference is a masking bug, not rounding
+    enc = AudioCNNEncoder(cfg).double().eval()
+    _activate_residual_branches(enc)
+    lengths = torch.tensor([16000, 7001, 3333])
+    wavs = torch.randn(3, 16000, dtype=torch.float64)
+    with torch.no_grad():
+        out = enc(wavs, lengths)
+        assert out.last_hidden_state.shape[0] == 3 and out.last_hidden_state.shape[2] == 32
+        assert out.frame_rate == pytest.approx(100 / 8)
+        assert len(out.hidden_states) == 3  # stem + 2 stages
+        for b in range(3):
+            n = int(out.lengths[b])
+            assert torch.count_nonzero(out.last_hidden_state[b, n:]) == 0
+            alone = enc(wavs[b : b + 1, : lengths[b]], lengths[b : b + 1])
+            assert int(alone.lengths) == n
+            torch.testing.assert_close(alone.last_hidden_state[0, :n], out.last_hidden_state[b, :n], atol=1e-9, rtol=0)
+
+
+def test_image_encoder_shapes_and_per_sample_independence() -> None:
+    cfg = ImageCNNConfig(image_size=32, stem_channels=8, channels=(16, 24), depths=(1, 1), strides=(2, 2))
+    enc = ImageCNNEncoder(cfg).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = enc(x)
+        assert out.tokens.shape == (3, cfg.num_tokens, 24) and cfg.num_tokens == 16
+        assert out.pooled.shape == (3, 24)
+        torch.testing.assert_close(enc(x[1:2]).pooled[0], out.pooled[1], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_speech_embedding() -> None:
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny").eval()
+    _activate_residual_branches(model)
+    batch = _batch()
+    with torch.no_grad():
+        emb = model.encode_speech(batch["wavs"], batch["lengths"])
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb)))
+        for b in (0, 3):
+            n = int(batch["lengths"][b])
+            alone = model.encode_speech(batch["wavs"][b : b + 1, :n], batch["lengths"][b : b + 1])
+            torch.testing.assert_close(alone[0], emb[b], atol=1e-5, rtol=0)
+            padded = torch.cat([batch["wavs"][b : b + 1, :n], torch.zeros(1, 7777)], dim=1)
+            torch.testing.assert_close(model.encode_speech(padded, batch["lengths"][b : b + 1])[0], emb[b], atol=1e-5, rtol=0)
+
+
+def test_forward_returns_loss_and_scalars() -> None:
+    model = create_model("dual_encoder_tiny")
+    out = model(_batch())
+    assert out["loss"].ndim == 0 and out["loss"].requires_grad
+    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-4)
+    assert model.encode_image(_batch()["pixels"]).shape == (8, model.embed_dim)
+
+
+def test_registry_names_and_errors() -> None:
+    assert {"dual_encoder", "dual_encoder_tiny"} <= set(list_models())
+    with pytest.raises(ConfigError, match="dual_encoder_tiny"):
+        create_model("no_such_model")
+    with pytest.raises(ConfigError, match="embed_dim"):
+        create_model("dual_encoder_tiny", embed_dims=3)
+    with pytest.raises(ConfigError, match="stem_channels"):
+        create_model("dual_encoder_tiny", audio={"stem_channel": [8]})
+    m = create_model("dual_encoder_tiny", embed_dim=16, audio={"channels": [20]})
+    assert isinstance(m, DualEncoder) and m.embed_dim == 16 and m.audio_encoder.width == 20
+    assert m.config.audio.stem_channels == (16,)  # untouched preset fields survive a nested override
+    assert m.config.audio.features.n_mels == 20
+
+
+def test_save_load_roundtrip_gives_identical_outputs(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny", audio_pool="attention").eval()
+    with torch.no_grad():
+        model.loss.logit_scale.fill_(2.5)
+    save_pretrained(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    description = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert description["model"] == "dual_encoder_tiny"
+    assert description["image_transform"]["size"] == 32 and len(description["image_transform"]["mean"]) == 3
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config == model.config
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.encode_speech(batch["wavs"], batch["lengths"]), model.encode_speech(batch["wavs"], batch["lengths"]),
+            atol=0, rtol=0,
+        )
+        torch.testing.assert_close(loaded.encode_image(batch["pixels"]), model.encode_image(batch["pixels"]), atol=0, rtol=0)
+        assert loaded(batch)["loss"].item() == model(batch)["loss"].item()
+    rebuilt = create_model_from_config(description)
+    assert rebuilt.config == model.config
+    with pytest.raises(ConfigError, match="unknown key"):
+        create_model_from_config({"model": "dual_encoder_tiny", "weights": 1})
+
+
+def test_tiny_model_overfits_a_small_batch() -> None:
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny")
+    batch = _batch(n_images=8, caps=2, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(50):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.25 * losses[0], losses[::10]
