@@ -18,6 +18,7 @@ from vgskit.models import (
     load_pretrained,
     save_pretrained,
 )
+from vgskit.models.base import image_transform_of
 
 
 def _batch(n_images: int = 4, caps: int = 2, size: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -136,13 +137,27 @@ def test_save_load_roundtrip_gives_identical_outputs(tmp_path) -> None:
         )
         torch.testing.assert_close(loaded.encode_image(batch["pixels"]), model.encode_image(batch["pixels"]), atol=0, rtol=0)
         assert loaded(batch)["loss"].item() == model(batch)["loss"].item()
-    rebuilt = create_model_from_config(description)
+    rebuilt = create_model_from_config({**description, "train": {"lr": 1e-3}, "extra": {}})  # trainer layout
     assert rebuilt.config == model.config
+    transform = image_transform_of(loaded)
+    assert transform.size == 32 and transform.resize_mode == "squash"
+    from PIL import Image
+
+    assert transform(Image.new("RGB", (50, 40), (255, 0, 0))).shape == (3, 32, 32)
     with pytest.raises(ConfigError, match="unknown key"):
         create_model_from_config({"model": "dual_encoder_tiny", "weights": 1})
 
 
-def test_tiny_model_overfits_a_small_batch() -> None:
+@pytest.fixture()
+def one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a busy machine every parallel op would wait for it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_model_overfits_a_small_batch(one_thread) -> None:
     torch.manual_seed(0)
     model = create_model("dual_encoder_tiny")
     batch = _batch(n_images=8, caps=2, seed=1)

@@ -102,3 +102,13 @@ def test_temperature_learnable_fixed_and_clamped() -> None:
     with torch.no_grad():
         learn.logit_scale.fill_(10.0)  # exp(10) >> 100
     assert learn.scale().item() == 100.0
+
+
+def test_loss_stays_float32_under_autocast() -> None:
+    speech, image, ids_t = _batch([0, 0, 1, 2])
+    loss_fn = InfoNCELoss()
+    expected = loss_fn(speech, image, ids_t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = loss_fn(speech, image, ids_t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

@@ -123,7 +123,9 @@ class LogMel(nn.Module):
     def forward(self, wavs: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         # wavs: [B, T] float; lengths: [B] samples
         cfg = self.config
-        with torch.no_grad():  # features have no parameters; skip autograd bookkeeping
+        # No autograd (no parameters here) and no autocast: in bf16 the power spectrum and the one-pass
+        # variance below would lose most of their precision.
+        with torch.no_grad(), torch.autocast(wavs.device.type, enabled=False):
             # computed in the dtype of the buffers (float32 unless the module was cast, e.g. .double())
             feats = self.mel_power(wavs.to(self.window.dtype)).clamp_(min=cfg.log_floor).log_()  # [B, M, N]
             frames = self.frame_lengths(lengths)  # [B]

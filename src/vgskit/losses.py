@@ -142,6 +142,8 @@ class InfoNCELoss(nn.Module):
             image_ids = torch.arange(speech.shape[0], device=speech.device)
         speech, image, image_ids = self._gather(speech, image, image_ids)  # [N_global, ...]
         first, target = unique_images(image_ids)  # [M], [N]
-        logits = self.scale() * speech @ image[first].T  # [N, M]
-        s2i, i2s = masked_infonce_terms(logits, target)
-        return 0.5 * (s2i.mean() + i2s.mean())
+        # float32 logits even under autocast: with a scale up to 100, bf16 would round logits by ~0.5.
+        with torch.autocast(speech.device.type, enabled=False):
+            logits = self.scale() * speech.float() @ image[first].float().T  # [N, M]
+            s2i, i2s = masked_infonce_terms(logits, target)
+            return 0.5 * (s2i.mean() + i2s.mean())

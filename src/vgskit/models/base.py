@@ -60,3 +60,10 @@ class RetrievalModel(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Training step outputs: ``{"loss": scalar, **other scalars for logging}``."""
         raise NotImplementedError
+
+
+def image_transform_of(model: RetrievalModel) -> Any:
+    """The :class:`vgskit.images.ImageTransform` described by ``model.image_transform``."""
+    from vgskit.images import ImageTransform
+
+    return ImageTransform.from_json(dict(model.image_transform))

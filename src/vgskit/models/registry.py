@@ -30,7 +30,9 @@ M = TypeVar("M", bound=type[RetrievalModel])
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-_METADATA_KEYS = {"image_transform", "vgskit_version", "format_version"}
+# Keys that may sit beside "model"/"config" in a config.json (training checkpoints add the training settings
+# under "train" and "extra"); they describe the run and do not change how the model is built.
+_METADATA_KEYS = {"image_transform", "vgskit_version", "format_version", "train", "extra"}
 
 _MODELS: dict[str, tuple[type[RetrievalModel], Any]] = {}
 
