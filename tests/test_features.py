@@ -94,3 +94,13 @@ def test_normalisation_and_padding_are_masked() -> None:
 
 def test_filterbank_is_not_saved_in_state_dict() -> None:
     assert LogMel().state_dict() == {}
+
+
+def test_chunked_front_end_matches_whole_batch(monkeypatch) -> None:
+    import vgskit.features as features
+
+    torch.manual_seed(0)
+    wavs, lengths = torch.randn(5, 6000), torch.tensor([6000, 5000, 4000, 3000, 2000])
+    whole = LogMel()(wavs, lengths)[0]
+    monkeypatch.setattr(features, "_CHUNK_SAMPLES", 12000)  # two utterances per chunk: 3 chunks
+    torch.testing.assert_close(LogMel()(wavs, lengths)[0], whole, atol=1e-5, rtol=1e-5)

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from vgskit.errors import ConfigError
 from vgskit.layers import lengths_to_mask
 
+_CHUNK_SAMPLES = 1 << 20
+
 
 @dataclass
 class LogMelConfig:
@@ -109,16 +111,24 @@ class LogMel(nn.Module):
     def mel_power(self, wavs: Tensor) -> Tensor:
         """Mel-filtered power spectrum ``[B, n_mels, N]`` (before the log), ``N = (T - n_fft) // hop + 1``."""
         cfg = self.config
-        spec = torch.stft(
-            wavs, cfg.n_fft, cfg.hop_length, window=self.window, center=False, return_complex=True
-        )  # [B, F, N] with F = n_fft/2 + 1, laid out in memory as [B, N, F]
-        # Work in the [B, N, F] memory layout (elementwise ops over the transposed view are several times
-        # slower) and fold |X|^2 = re^2 + im^2 into the matmul with a filterbank whose rows are duplicated for
-        # the interleaved (re, im) pairs: the power spectrum is the largest tensor of the front-end, so this
-        # saves a full pass over it.
-        ri = torch.view_as_real(spec.transpose(1, 2)).flatten(2)  # [B, N, 2F]: re0, im0, re1, im1, ...
-        # In place: the spectrum is ours, and a fresh 100 MB buffer costs page faults on every call.
-        return torch.matmul(ri.square_(), self.filterbank_ri).transpose(1, 2)  # [B, N, M] -> [B, M, N]
+        batch, total = wavs.shape
+        n_frames = (total - cfg.n_fft) // cfg.hop_length + 1
+        out = wavs.new_empty(batch, n_frames, cfg.n_mels)  # [B, N, M]
+        # A few utterances at a time: the framed signal is 2.5x the waveform, and one buffer for a whole
+        # batch (~100 MB) is a fresh allocation on every call whose page faults cost more than the FFT.
+        # Chunks of ~1M samples are recycled by the allocator instead; about 3x faster on a 2-core CPU.
+        rows = max(1, _CHUNK_SAMPLES // max(total, 1))
+        for start in range(0, batch, rows):
+            spec = torch.stft(
+                wavs[start : start + rows], cfg.n_fft, cfg.hop_length, window=self.window, center=False,
+                return_complex=True,
+            )  # [b, F, N] with F = n_fft/2 + 1, laid out in memory as [b, N, F]
+            # Stay in the [b, N, F] memory layout (elementwise ops over the transposed view are several times
+            # slower) and fold |X|^2 = re^2 + im^2 into the matmul with a filterbank whose rows are duplicated
+            # for the interleaved (re, im) pairs, which saves a pass over the largest tensor here.
+            ri = torch.view_as_real(spec.transpose(1, 2)).flatten(2)  # [b, N, 2F]: re0, im0, re1, im1, ...
+            torch.matmul(ri.square_(), self.filterbank_ri, out=out[start : start + rows])  # [b, N, M]
+        return out.transpose(1, 2)  # [B, M, N]
 
     def forward(self, wavs: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         # wavs: [B, T] float; lengths: [B] samples

@@ -4,8 +4,8 @@ Presets:
 
 * ``dual_encoder`` — the demo default (1.26 M parameters), sized for about ten minutes of training on two
   CPU cores: a training step (forward, backward, Adam) at batch 128 on 3–5 s captions and 64×64 images runs
-  at roughly 400 captions/s on two threads. The log-mel front-end is about a third of that time; the
-  speech tower reaches 12.5 frames/s after two stride-2 stem convolutions and two residual stages;
+  at about 460 captions/s on two threads (forward + backward + Adam). The speech tower reaches 12.5
+  frames/s after two stride-2 stem convolutions and two residual stages;
 * ``dual_encoder_tiny`` — a few thousand parameters, for tests.
 """
 
