@@ -208,6 +208,8 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
 
     model_d = dict(exp["model"])
     model_name = model_d.pop("name")
+    # Same seed on every process: identical initial weights, and the same run twice starts identically.
+    torch.manual_seed(train_cfg.seed)
     model = create_model(model_name, **model_d)
     transform = model.image_transform
 

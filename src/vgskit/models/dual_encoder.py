@@ -11,6 +11,7 @@ Presets:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from vgskit.models.registry import register_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("mean", "attention")
+IMAGE_POOLINGS = ("mean", "flatten")
 
 
 @dataclass
@@ -41,6 +43,13 @@ class DualEncoderConfig:
         image: image encoder config (``image.image_size`` is the input side the model expects).
         embed_dim: shared embedding dimension.
         audio_pool: ``"mean"`` (masked mean over valid frames) or ``"attention"`` (masked attention pooling).
+        audio_context_layers: pre-norm Transformer layers (sinusoidal positions, masked self-attention) over
+            the CNN frames before pooling. The CNN alone sees about half a second, so a pooled embedding is
+            close to a bag of words; captions that bind colours to objects and relate objects ("a red bag
+            left of a blue coat") need context across the whole utterance.
+        audio_context_heads, audio_context_ffn, audio_context_dropout: size of those layers.
+        image_pool: ``"mean"`` (global average of the CNN tokens) or ``"flatten"`` (concatenate the token
+            grid before the projection, which keeps where things are: captions state positions).
         init_temperature: initial softmax temperature of the loss.
         learnable_temperature: learn the temperature (log-parametrised) or keep it fixed.
         max_logit_scale: clamp on ``1/temperature``.
@@ -52,6 +61,11 @@ class DualEncoderConfig:
     image: ImageCNNConfig = field(default_factory=ImageCNNConfig)
     embed_dim: int = 256
     audio_pool: str = "mean"
+    audio_context_layers: int = 0
+    audio_context_heads: int = 4
+    audio_context_ffn: int = 512
+    audio_context_dropout: float = 0.0
+    image_pool: str = "mean"
     init_temperature: float = 0.07
     learnable_temperature: bool = True
     max_logit_scale: float = 100.0
@@ -68,6 +82,12 @@ class DualEncoderConfig:
         self.image_std = tuple(float(v) for v in self.image_std)  # type: ignore[assignment]
         if self.audio_pool not in POOLINGS:
             raise ConfigError(f"DualEncoderConfig.audio_pool must be one of {POOLINGS}, got {self.audio_pool!r}")
+        if self.image_pool not in IMAGE_POOLINGS:
+            raise ConfigError(
+                f"DualEncoderConfig.image_pool must be one of {IMAGE_POOLINGS}, got {self.image_pool!r}")
+        if self.audio_context_layers < 0:
+            raise ConfigError(
+                f"DualEncoderConfig.audio_context_layers must be >= 0, got {self.audio_context_layers}")
         if self.embed_dim <= 0:
             raise ConfigError(f"DualEncoderConfig.embed_dim must be positive, got {self.embed_dim}")
 
@@ -88,9 +108,18 @@ class DualEncoder(RetrievalModel):
         self.sample_rate = config.audio.features.sample_rate
         self.audio_encoder = AudioCNNEncoder(config.audio)
         self.image_encoder = ImageCNNEncoder(config.image)
-        self.audio_pool = AttentionPool1d(self.audio_encoder.width) if config.audio_pool == "attention" else None
-        self.audio_proj = nn.Linear(self.audio_encoder.width, config.embed_dim)
-        self.image_proj = nn.Linear(self.image_encoder.width, config.embed_dim)
+        width = self.audio_encoder.width
+        self.audio_context = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, config.audio_context_heads, config.audio_context_ffn,
+                                       config.audio_context_dropout, activation="gelu", batch_first=True,
+                                       norm_first=True)
+            for _ in range(config.audio_context_layers))
+        self.audio_pool = AttentionPool1d(width) if config.audio_pool == "attention" else None
+        self.audio_proj = nn.Linear(width, config.embed_dim)
+        image_in = self.image_encoder.width
+        if config.image_pool == "flatten":
+            image_in *= config.image.num_tokens
+        self.image_proj = nn.Linear(image_in, config.embed_dim)
         self.loss = InfoNCELoss(
             init_temperature=config.init_temperature,
             learnable_temperature=config.learnable_temperature,
@@ -117,12 +146,20 @@ class DualEncoder(RetrievalModel):
         out = self.audio_encoder(wavs, lengths)
         frames = out.last_hidden_state  # [B, T', D_a]
         mask = lengths_to_mask(out.lengths, frames.shape[1])  # [B, T']
+        if len(self.audio_context):
+            frames = frames + sinusoidal_positions(frames.shape[1], frames.shape[2], frames)  # [B, T', D_a]
+            for layer in self.audio_context:
+                frames = layer(frames, src_key_padding_mask=~mask)  # [B, T', D_a]
         pooled = self.audio_pool(frames, mask) if self.audio_pool is not None else masked_mean(frames, mask)
         return F.normalize(self.audio_proj(pooled), dim=-1)  # [B, E]
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         # pixels: [B, 3, S, S]
-        pooled = self.image_encoder(pixels).pooled  # [B, D_i]
+        out = self.image_encoder(pixels)
+        if self.config.image_pool == "flatten":
+            pooled = out.tokens.flatten(1)  # [B, N * D_i], row-major over the token grid
+        else:
+            pooled = out.pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -137,6 +174,16 @@ class DualEncoder(RetrievalModel):
         image = self.encode_image(pixels[first])[target]  # [B, E]
         loss = self.loss(speech, image, image_ids)
         return {"loss": loss, "logit_scale": self.loss.scale().detach()}
+
+
+def sinusoidal_positions(length: int, dim: int, like: Tensor) -> Tensor:
+    """Fixed sine/cosine position codes ``[length, dim]`` (Vaswani et al.), in ``like``'s dtype and device."""
+    pos = torch.arange(length, device=like.device, dtype=torch.float32)[:, None]  # [T, 1]
+    inv = torch.exp(torch.arange(0, dim, 2, device=like.device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=like.device, dtype=torch.float32)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table.to(like.dtype)
 
 
 register_model("dual_encoder")(DualEncoder)

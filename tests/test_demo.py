@@ -1,0 +1,83 @@
+"""The whole `vgskit demo` pipeline on the tiny corpus, through the command line entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from vgskit.cli import main
+from vgskit.experiment import load_model
+from vgskit.retrieval.engine import SearchEngine
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VGSKIT_CACHE", str(tiny_cache))
+        assert main(["demo", "--preset", "tiny", "--out", str(out)]) == 0
+        yield out
+
+
+def test_demo_writes_report_results_and_index(demo_run):
+    results = json.loads((demo_run / "results.json").read_text())
+    for direction in ("speech_to_image", "image_to_speech"):
+        r = results["results"][direction]
+        assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100
+        assert 0 < results["ceiling"][direction]["R@1"] <= 100
+    assert results["info"]["test images"] == 8 and results["info"]["test captions"] == 40
+
+    queries = results["queries"]
+    assert len(queries) == 6
+    for q in queries:
+        assert len(q["hits"]) == 5 and q["transcript"]
+        scores = [h["score"] for h in q["hits"]]
+        assert scores == sorted(scores, reverse=True)
+
+    html = (demo_run / "report.html").read_text()
+    assert "speech → image" in html and "image → speech" in html
+    assert html.count("<audio") == 6 and html.count("data:image/png") >= 6 * 5 + 1  # thumbnails + curve
+    assert f"{results['results']['speech_to_image']['R@10']:.1f}" in html
+    assert (demo_run / "training_curve.png").stat().st_size > 1000
+
+    # The saved index answers the same as the demo did.
+    engine = SearchEngine.load(demo_run / "index", load_model(demo_run / "train"))
+    hits = engine.search_by_audio(queries[0]["audio"], k=5)
+    assert [h.item_id for h in hits] == [h["item_id"] for h in queries[0]["hits"]]
+
+
+def test_demo_rerun_reuses_the_finished_run(demo_run, capsys):
+    before = json.loads((demo_run / "results.json").read_text())
+    capsys.readouterr()
+    assert main(["demo", "--preset", "tiny", "--out", str(demo_run)]) == 0
+    printed = capsys.readouterr().out
+    r = before["results"]["speech_to_image"]
+    assert re.search(rf"speech to image\s+{r['R@1']:.1f}\s+{r['R@5']:.1f}\s+{r['R@10']:.1f}", printed)
+    assert re.search(r"image to speech(\s+[\d.]+){3}", printed) and "report.html" in printed
+    after = json.loads((demo_run / "results.json").read_text())
+    assert after["results"] == before["results"]
+    assert after["info"]["steps"] == before["info"]["steps"]
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert main(["train", "--recipe", "nope", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vgskit: error:") and "unknown recipe 'nope'" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption_id": "a"}\nnot json\n')
+    assert main(["data", "check", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err
+
+
+def test_search_cli(demo_run, capsys):
+    capsys.readouterr()
+    audio = json.loads((demo_run / "results.json").read_text())["queries"][0]["audio"]
+    assert main(["search", "--checkpoint", str(demo_run / "train"), "--index", str(demo_run / "index"),
+                 "-k", "3", audio]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("   ")]
+    assert len(lines) == 3
+    assert torch.tensor([float(ln.split()[1]) for ln in lines]).diff().le(0).all()

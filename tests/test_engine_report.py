@@ -1,0 +1,86 @@
+"""SearchEngine persistence/errors and the HTML/JSON report, on small hand-made inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vgskit.errors import VGSKitError
+from vgskit.models.registry import create_model
+from vgskit.report import write_report
+from vgskit.retrieval.engine import SearchEngine
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        p = tmp_path / f"img{i}.png"
+        Image.new("RGB", (40, 30), colour).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_engine_build_save_load_and_search(images, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny")
+    engine = SearchEngine.build(model, images, ["r", "g", "b"])
+    assert engine.image_emb.shape[0] == 3
+    assert torch.allclose(engine.image_emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    engine.save(tmp_path / "index")
+    again = SearchEngine.load(tmp_path / "index", model)
+    assert torch.equal(again.image_emb, engine.image_emb) and again.image_ids == ["r", "g", "b"]
+
+    wav = np.sin(np.linspace(0, 2000, 16000)).astype(np.float32) * 0.3
+    hits = again.search_by_waveform(wav, k=5)  # more than the gallery holds: all 3, best first
+    assert [h.rank for h in hits] == [1, 2, 3]
+    expected = engine.image_emb @ again.embed_audio(wav)
+    assert [h.item_id for h in hits] == [["r", "g", "b"][i] for i in expected.argsort(descending=True)]
+    with pytest.raises(VGSKitError, match="k must be >= 1"):
+        again.search_by_waveform(wav, k=0)
+
+
+def test_engine_errors_name_the_problem(images, tmp_path):
+    model = create_model("dual_encoder_tiny")
+    with pytest.raises(VGSKitError, match="missing index.json"):
+        SearchEngine.load(tmp_path, model)
+    with pytest.raises(VGSKitError, match="inconsistent"):
+        SearchEngine(model, torch.zeros(2, 4), ["a"], ["a.png"])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(Image.open(images[0]).tobytes()[:10])
+    with pytest.raises(VGSKitError, match="broken.png"):
+        SearchEngine.build(model, [images[0], str(broken)])
+
+
+def test_report_html_and_json(images, tmp_path):
+    results = {"speech_to_image": {"R@1": 12.34, "R@5": 45.6, "R@10": 78.9, "median_rank": 3},
+               "image_to_speech": {"R@1": 23.4, "R@5": 56.7, "R@10": 89.01, "median_rank": 2}}
+    ceiling = {"speech_to_image": {"R@1": 97.6, "R@5": 99.9, "R@10": 100.0},
+               "image_to_speech": {"R@1": 95.2, "R@5": 100.0, "R@10": 100.0}}
+    rows = [{"kind": "train", "step": s, "loss": 5.0 / s} for s in range(1, 20)]
+    rows += [{"kind": "eval", "step": 10, "val/mean_R@10": 40.0}, {"kind": "eval", "step": 19, "val/mean_R@10": 60.0}]
+    queries = [{"audio": None, "transcript": "a red <b>shirt</b>", "gold_image_id": "g",
+                "hits": [{"rank": i + 1, "item_id": x, "path": p, "score": 1.0 - i / 10}
+                         for i, (x, p) in enumerate(zip("rgb", images, strict=True))]}]
+    html_path, json_path = write_report(tmp_path / "rep", title="t", results=results, ceiling=ceiling,
+                                        metrics_rows=rows, queries=queries, info={"steps": 19})
+    html = html_path.read_text()
+    for value in ("12.3", "78.9", "89.0", "97.6", "95.2"):
+        assert value in html
+    assert "a red &lt;b&gt;shirt&lt;/b&gt;" in html  # transcripts are escaped
+    assert html.count("class='hit gold'") == 1
+    assert (tmp_path / "rep" / "training_curve.png").is_file()
+    data = json.loads(json_path.read_text())
+    assert data["results"] == results and data["ceiling"] == ceiling and data["info"] == {"steps": 19}
+
+
+def test_report_without_training_rows_has_no_curve(tmp_path):
+    results = {"speech_to_image": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0},
+               "image_to_speech": {"R@1": 1.0, "R@5": 2.0, "R@10": 3.0}}
+    html_path, _ = write_report(tmp_path, title="t", results=results)
+    assert "training curve" not in html_path.read_text()
+    assert not (tmp_path / "training_curve.png").exists()
