@@ -43,8 +43,11 @@ def test_demo_writes_report_results_and_index(demo_run):
     assert f"{results['results']['speech_to_image']['R@10']:.1f}" in html
     assert (demo_run / "training_curve.png").stat().st_size > 1000
 
-    # The saved index answers the same as the demo did.
+    # The saved index answers the same as the demo did, and embedding the images from their files (the
+    # `vgskit index` path) gives the embeddings the evaluation used.
     engine = SearchEngine.load(demo_run / "index", load_model(demo_run / "train"))
+    rebuilt = SearchEngine.build(engine.model, engine.image_paths, engine.image_ids)
+    assert torch.allclose(rebuilt.image_emb, engine.image_emb, atol=1e-5)
     hits = engine.search_by_audio(queries[0]["audio"], k=5)
     assert [h.item_id for h in hits] == [h["item_id"] for h in queries[0]["hits"]]
 

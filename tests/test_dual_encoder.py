@@ -170,3 +170,47 @@ def test_tiny_model_overfits_a_small_batch(one_thread) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.25 * losses[0], losses[::10]
+
+
+def test_audio_context_layers_keep_padding_invariance_and_use_order() -> None:
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny", audio_context_layers=1, audio_context_heads=2,
+                         audio_context_ffn=32).eval()
+    _activate_residual_branches(model)
+    batch = _batch()
+    with torch.no_grad():
+        emb = model.encode_speech(batch["wavs"], batch["lengths"])
+        for b in (0, 3):
+            n = int(batch["lengths"][b])
+            alone = model.encode_speech(batch["wavs"][b : b + 1, :n], batch["lengths"][b : b + 1])
+            torch.testing.assert_close(alone[0], emb[b], atol=1e-5, rtol=0)
+        # With positions, swapping the two halves of an utterance changes the embedding; mean pooling of a
+        # position-free encoder over the same frames would be nearly blind to that.
+        n = int(batch["lengths"][0]) // 2 * 2
+        wav = batch["wavs"][0, :n]
+        swapped = torch.cat([wav[n // 2 :], wav[: n // 2]])[None]
+        lengths = torch.tensor([n])
+        assert (model.encode_speech(wav[None], lengths) - model.encode_speech(swapped, lengths)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pool", ["mean", "max", "flatten"])
+def test_image_pooling_options(pool: str) -> None:
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny", image_pool=pool).eval()
+    size = model.config.image.image_size
+    pixels = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        emb = model.encode_image(pixels)
+        tokens = model.image_encoder(pixels).tokens  # [B, N, D]
+    assert emb.shape == (3, model.embed_dim)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
+    pooled = {"mean": tokens.mean(1), "max": tokens.amax(1), "flatten": tokens.flatten(1)}[pool]
+    expected = torch.nn.functional.normalize(model.image_proj(pooled), dim=-1)
+    torch.testing.assert_close(emb, expected)
+
+
+def test_dual_encoder_option_errors() -> None:
+    with pytest.raises(ConfigError, match="image_pool"):
+        create_model("dual_encoder_tiny", image_pool="median")
+    with pytest.raises(ConfigError, match="audio_context_layers"):
+        create_model("dual_encoder_tiny", audio_context_layers=-1)

@@ -224,22 +224,27 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
 
     train_set = make_dataset(manifest_path, data_cfg.train_split, transform, max_seconds=data_cfg.train_max_seconds,
                              preload=data_cfg.preload, progress=progress and is_main())
-    val_set = make_dataset(manifest_path, data_cfg.val_split, transform, max_seconds=data_cfg.eval_max_seconds,
-                           preload=data_cfg.preload, max_images=data_cfg.val_max_images,
-                           progress=progress and is_main()) if is_main() else None
     sampler = paired_batch_sampler_factory(
         train_set.caption_image_index, train_cfg.batch_size, data_cfg.captions_per_image,
         lengths=train_set.num_samples() if data_cfg.length_bucketing else None)
 
+    # Every rank passes the same evaluate_fn (the Trainer runs it on the main rank only and broadcasts the
+    # result); the validation set is therefore built lazily, on first use, by the main rank alone.
+    val_sets: list[SpokenCaptionDataset] = []
+
     def evaluate_fn(m: torch.nn.Module) -> dict[str, float]:
-        assert val_set is not None
-        return flatten_metrics(evaluate_model(m, val_set, batch_size=data_cfg.eval_batch_size), "val/")
+        if not val_sets:
+            val_sets.append(make_dataset(manifest_path, data_cfg.val_split, transform,
+                                         max_seconds=data_cfg.eval_max_seconds, preload=data_cfg.preload,
+                                         max_images=data_cfg.val_max_images, progress=False))
+        return flatten_metrics(evaluate_model(m, val_sets[0], batch_size=data_cfg.eval_batch_size), "val/")
 
     trainer = Trainer(model, train_cfg, train_set, collate_spoken_captions, batch_sampler_factory=sampler,
-                      evaluate_fn=evaluate_fn if val_set is not None else None, model_name=model_name,
+                      evaluate_fn=evaluate_fn, model_name=model_name,
                       model_config=model.config,
                       extra_config={"data": asdict(data_cfg), "manifest": str(manifest_path),
-                                    "image_transform": transform})
+                                    "image_transform": transform},
+                      progress_bar=progress)
     t0 = time.time()
     summary = trainer.fit(resume=resume)
     summary["train_wall_s"] = time.time() - t0

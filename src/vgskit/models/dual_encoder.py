@@ -31,7 +31,7 @@ from vgskit.models.registry import register_model
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("mean", "attention")
-IMAGE_POOLINGS = ("mean", "flatten")
+IMAGE_POOLINGS = ("mean", "max", "flatten")
 
 
 @dataclass
@@ -48,8 +48,9 @@ class DualEncoderConfig:
             close to a bag of words; captions that bind colours to objects and relate objects ("a red bag
             left of a blue coat") need context across the whole utterance.
         audio_context_heads, audio_context_ffn, audio_context_dropout: size of those layers.
-        image_pool: ``"mean"`` (global average of the CNN tokens) or ``"flatten"`` (concatenate the token
-            grid before the projection, which keeps where things are: captions state positions).
+        image_pool: ``"mean"`` (global average of the CNN tokens), ``"max"`` (global max: small objects on a
+            large background are not averaged away) or ``"flatten"`` (concatenate the token grid before the
+            projection, which keeps where things are).
         init_temperature: initial softmax temperature of the loss.
         learnable_temperature: learn the temperature (log-parametrised) or keep it fixed.
         max_logit_scale: clamp on ``1/temperature``.
@@ -158,6 +159,8 @@ class DualEncoder(RetrievalModel):
         out = self.image_encoder(pixels)
         if self.config.image_pool == "flatten":
             pooled = out.tokens.flatten(1)  # [B, N * D_i], row-major over the token grid
+        elif self.config.image_pool == "max":
+            pooled = out.tokens.amax(dim=1)  # [B, D_i]
         else:
             pooled = out.pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]

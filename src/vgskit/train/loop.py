@@ -197,8 +197,10 @@ class Trainer:
         model_config: Any = None,
         extra_config: Mapping[str, Any] | None = None,
         device: str | torch.device | None = None,
+        progress_bar: bool = True,
     ):
         self.cfg = cfg
+        self.progress_bar = progress_bar
         self.dist = D.init_distributed()
         if device is None:
             device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
@@ -439,7 +441,8 @@ class Trainer:
         main = D.is_main()
         metrics_log = MetricsLogger(self.out_dir, enabled=main, tensorboard=cfg.tensorboard)
         metrics_log.start(resumed_at)
-        bar = tqdm(total=self.total_steps, initial=p.step, disable=not main, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=self.total_steps, initial=p.step, disable=not (main and self.progress_bar), dynamic_ncols=True,
+                   desc="train")
 
         t_start = time.monotonic()
         elapsed_before = p.elapsed_s
