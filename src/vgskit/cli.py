@@ -25,8 +25,8 @@ from vgskit.errors import VGSKitError
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vgskit.demo import run_demo
 
-    run_demo(out_dir=args.out, preset=args.preset, recipe=args.recipe, workers=args.workers,
-             overrides=args.set, resume=args.resume)
+    # A run already in --out is continued (interrupted) or reused (finished), never overwritten.
+    run_demo(out_dir=args.out, preset=args.preset, recipe=args.recipe, workers=args.workers, overrides=args.set)
     return 0
 
 
@@ -79,10 +79,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from vgskit.models.registry import load_pretrained
+    from vgskit.experiment import load_model
     from vgskit.retrieval.engine import SearchEngine
 
-    model = load_pretrained(args.checkpoint)
+    model = load_model(args.checkpoint)
     engine = SearchEngine.load(args.index, model)
     for audio in args.audio:
         print(f"{audio}:")
@@ -96,12 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="generate the embedded corpus, train, evaluate, search and write a report")
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--out", default="runs/demo",
+                   help="output folder (default: runs/demo); a run already there is continued or reused")
     d.add_argument("--preset", default="demo", help="spoken-scenes size: demo (default) or tiny")
     d.add_argument("--recipe", default=None, help="training recipe name or YAML path (default: per preset)")
     d.add_argument("--workers", type=int, default=None, help="corpus generation processes (default: all cores)")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
-    d.add_argument("--resume", action="store_true", help="continue an interrupted demo run from its checkpoint")
     d.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="corpus tools").add_subparsers(dest="data_command", required=True)

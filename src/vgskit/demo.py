@@ -7,7 +7,8 @@
 5. write ``report.html`` (recall table, training curve, top-5 images per sample query) and ``results.json``.
 
 Runs on two CPU cores in about a quarter of an hour. An interrupted demo continues from its last checkpoint
-when started again with the same ``--out``; ``--fresh`` is not needed because a finished run is reused.
+when started again with the same ``--out``, and a finished run is reused (evaluation and report are redone);
+use another ``--out`` for a new run.
 """
 
 from __future__ import annotations
