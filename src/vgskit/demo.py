@@ -84,7 +84,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
         "recipe": recipe,
         "steps": summary.get("step"),
         "best step": summary.get("best_step"),
-        "best val mean R@10": summary.get("best_metric"),
+        "best val mean R@10": None if summary.get("best_metric") is None else round(summary["best_metric"], 2),
         "corpus time (s)": round(corpus_s, 1),
         "training time (s)": round(summary.get("train_wall_s", 0.0), 1),
         "total time (s)": round(time.time() - t_start, 1),

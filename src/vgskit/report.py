@@ -124,7 +124,7 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
             gold = " gold" if h["item_id"] == q.get("gold_image_id") else ""
             hits.append(f"<div class='hit{gold}'><img src='{_thumbnail_uri(h['path'])}'><br>#{h['rank']} "
                         f"{html.escape(str(h['item_id']))}<br>{h['score']:.3f}</div>")
-        parts.append(f"<div class=q><b>“{html.escape(q.get('transcript') or '')}”</b> {audio}"
+        parts.append(f"<div class=q><b>“{html.escape(q.get('transcript') or '')}”</b><br>{audio}"
                      f"<div class=hits>{''.join(hits)}</div></div>")
     parts.append("<p>Green outline: the image the query was spoken about.</p></body></html>")
     html_path = out_dir / "report.html"
