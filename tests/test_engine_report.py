@@ -42,6 +42,18 @@ def test_engine_build_save_load_and_search(images, tmp_path):
     assert [h.item_id for h in hits] == [["r", "g", "b"][i] for i in expected.argsort(descending=True)]
     with pytest.raises(VGSKitError, match="k must be >= 1"):
         again.search_by_waveform(wav, k=0)
+    with pytest.raises(VGSKitError, match="too short"):
+        again.search_by_waveform(wav[:100])
+    with pytest.raises(VGSKitError, match="1-D mono"):
+        again.search_by_waveform(np.stack([wav, wav], axis=1))
+    with pytest.raises(VGSKitError, match="NaN"):
+        again.search_by_waveform(np.full(16000, np.nan, dtype=np.float32))
+    other = create_model("dual_encoder_tiny", embed_dim=16)
+    with pytest.raises(VGSKitError, match="another checkpoint"):
+        SearchEngine.load(tmp_path / "index", other)
+    (tmp_path / "index" / "index.json").write_text("{broken")
+    with pytest.raises(VGSKitError, match="unreadable index files"):
+        SearchEngine.load(tmp_path / "index", model)
 
 
 def test_engine_errors_name_the_problem(images, tmp_path):

@@ -100,3 +100,15 @@ def test_two_processes_train_the_same_dual_encoder_as_one(tiny_cache, tiny_manif
     assert moved > 1e-3  # training changed the weights, so agreement below is not trivial
     worst = max(float((one[k] - two[k]).abs().max()) for k in one)
     assert worst < 1e-4, f"2-process weights differ from 1-process weights by {worst}"
+
+
+def test_lengths_for_bucketing_without_preloading(tiny_manifest):
+    from vgskit.experiment import make_dataset
+
+    transform = create_model("dual_encoder_tiny").image_transform
+    lazy = make_dataset(tiny_manifest, "train", transform, max_seconds=2.5, preload=False, progress=False)
+    eager = make_dataset(tiny_manifest, "train", transform, max_seconds=2.5, preload=True, progress=False)
+    assert lazy.num_samples() == eager.num_samples()
+    assert max(eager.num_samples()) == 40000  # cropped to 2.5 s
+    i = 3
+    torch.testing.assert_close(lazy.waveform(i), eager.waveform(i), atol=1 / 32768, rtol=0)

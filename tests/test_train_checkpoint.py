@@ -205,3 +205,24 @@ def test_resaving_the_same_step_replaces_it(tmp_path):
     C.load_checkpoint(tmp_path / "step_5", model=fresh)
     assert torch.all(fresh.norm.bias == 2.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_5"]
+
+
+def test_kill_while_replacing_best_does_not_lose_it(tmp_path):
+    model, opt, _ = _trained()
+    C.update_best(tmp_path, _save(tmp_path, 1, model, opt))
+    # What a process killed inside _replace_dir leaves: the old `best` moved aside, the new one not yet in.
+    (tmp_path / "best").rename(tmp_path / ".old-best-4242")
+    _save(tmp_path, 2, model, opt)  # the next save cleans up stale folders
+    assert C.read_trainer_state(tmp_path / "best")["step"] == 1
+    assert not list(tmp_path.glob(".old-*"))
+
+
+def test_corrupt_checkpoint_json_names_the_file(tmp_path):
+    model, opt, _ = _trained()
+    path = _save(tmp_path, 3, model, opt)
+    (path / "trainer_state.json").write_text("{not json")
+    with pytest.raises(C.CheckpointError, match=r"step_3.*trainer_state.json is not valid JSON"):
+        C.load_checkpoint(path, model=model)
+    (path / "trainer_state.json").unlink()
+    with pytest.raises(C.CheckpointError, match="step_3: no checkpoint found"):
+        C.load_checkpoint(path, model=model)

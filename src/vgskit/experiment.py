@@ -149,17 +149,18 @@ def embed_dataset(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_s
     model.eval()
     try:
         lengths = dataset.num_samples()
-        order = sorted(range(len(dataset)), key=lambda i: lengths[i]) if lengths else list(range(len(dataset)))
+        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
         speech_rows: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            batch = collate_spoken_captions([dataset[i] for i in idx])
-            emb = model.encode_speech(batch["wavs"], batch["lengths"]).float()
+            wavs = [dataset.waveform(i) for i in idx]
+            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
+            emb = model.encode_speech(batch, torch.tensor([len(w) for w in wavs])).float()
             for row, i in enumerate(idx):
                 speech_rows[i] = emb[row]
         image_rows = []
         for start in range(0, len(dataset.image_keys), batch_size):
-            pixels = torch.stack([dataset._pixels(i) for i in
+            pixels = torch.stack([dataset.pixels(i) for i in
                                   range(start, min(start + batch_size, len(dataset.image_keys)))])
             image_rows.append(model.encode_image(pixels).float())
     finally:
@@ -220,13 +221,14 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     if is_main():
         manifest_path = resolve_manifest(data_cfg, progress=progress)
     barrier()
-    manifest_path = resolve_manifest(data_cfg, progress=False)
+    if not is_main():
+        manifest_path = resolve_manifest(data_cfg, progress=False)
 
     train_set = make_dataset(manifest_path, data_cfg.train_split, transform, max_seconds=data_cfg.train_max_seconds,
                              preload=data_cfg.preload, progress=progress and is_main())
     sampler = paired_batch_sampler_factory(
         train_set.caption_image_index, train_cfg.batch_size, data_cfg.captions_per_image,
-        lengths=train_set.num_samples() if data_cfg.length_bucketing else None)
+        lengths=train_set.num_samples() if data_cfg.length_bucketing else None)  # headers if not preloaded
 
     # Every rank passes the same evaluate_fn (the Trainer runs it on the main rank only and broadcasts the
     # result); the validation set is therefore built lazily, on first use, by the main rank alone.

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from vgskit.fileio import write_text_atomic
+
 DIRECTIONS = (("speech_to_image", "speech → image"), ("image_to_speech", "image → speech"))
 
 
@@ -87,11 +89,9 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
     curve = plot_training_curve(metrics_rows, out_dir / "training_curve.png")
 
     payload = {"title": title, "results": results, "ceiling": ceiling, "info": info or {},
-               "queries": [{k: v for k, v in q.items()} for q in queries]}
+               "queries": [dict(q) for q in queries]}
     json_path = out_dir / "results.json"
-    tmp = json_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(json_path)
+    write_text_atomic(json_path, json.dumps(payload, indent=2, default=str))
 
     parts = [
         "<!doctype html><html><head><meta charset=utf-8>",
@@ -128,7 +128,5 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
                      f"<div class=hits>{''.join(hits)}</div></div>")
     parts.append("<p>Green outline: the image the query was spoken about.</p></body></html>")
     html_path = out_dir / "report.html"
-    tmp = html_path.with_suffix(".html.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(html_path)
+    write_text_atomic(html_path, "\n".join(parts))
     return html_path, json_path

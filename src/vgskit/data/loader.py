@@ -115,7 +115,8 @@ class SpokenCaptionDataset(Dataset):
         audio = []
         for r in _progress(self.records, len(self.records), "audio", progress):
             wav = self._crop(_load_audio(r.audio, self.sample_rate))
-            audio.append(np.round(np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16))
+            # Same scale both ways (x32768 here, /32768 in waveform()), clipped to the int16 range.
+            audio.append(np.clip(np.round(wav * 32768.0), -32768, 32767).astype(np.int16))
         s = self.image_size
         images = np.empty((len(self.image_paths), s, s, 3), dtype=np.uint8)
         for i, path in enumerate(_progress(self.image_paths, len(self.image_paths), "images", progress)):
@@ -130,14 +131,23 @@ class SpokenCaptionDataset(Dataset):
     def _crop(self, wav: np.ndarray) -> np.ndarray:
         return wav if self.max_samples is None else wav[: self.max_samples]
 
-    def num_samples(self) -> list[int] | None:
-        """Waveform length of every caption in samples when preloaded (for length bucketing), else ``None``."""
-        return None if self._audio is None else [len(a) for a in self._audio]
+    def num_samples(self) -> list[int]:
+        """Waveform length (after cropping) of every caption in samples, for length bucketing.
+
+        Preloaded: exact. Otherwise read from the file headers (no decoding), resampled to ``sample_rate``.
+        """
+        if self._audio is not None:
+            return [len(a) for a in self._audio]
+        from vgskit.audio import audio_duration
+
+        n = [int(round(audio_duration(r.audio) * self.sample_rate)) for r in self.records]
+        return n if self.max_samples is None else [min(x, self.max_samples) for x in n]
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _pixels(self, image_index: int) -> Tensor:
+    def pixels(self, image_index: int) -> Tensor:
+        """Normalised pixels ``[3, S, S]`` of image ``image_index`` (an index into :attr:`image_keys`)."""
         if self._images is not None:
             arr = self._images[image_index]
         else:
@@ -147,16 +157,20 @@ class SpokenCaptionDataset(Dataset):
         x = torch.tensor(arr).permute(2, 0, 1).float().div_(255.0)  # [3, S, S] (copy: PIL arrays are read-only)
         return (x - self.mean) / self.std
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def waveform(self, index: int) -> Tensor:
+        """The (cropped) float32 waveform ``[T]`` of caption ``index``."""
         if self._audio is not None:
-            wav = torch.from_numpy(self._audio[index].astype(np.float32) / 32768.0)
-        else:
-            wav = torch.from_numpy(np.ascontiguousarray(self._crop(_load_audio(self.records[index].audio, self.sample_rate))))
+            return torch.from_numpy(self._audio[index].astype(np.float32) / 32768.0)
+        wav = self._crop(_load_audio(self.records[index].audio, self.sample_rate))
+        return torch.from_numpy(np.ascontiguousarray(wav))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        wav = self.waveform(index)
         image_index = self.caption_image_index[index]
         return {
             "wav": wav,
             "length": int(wav.shape[0]),
-            "pixels": self._pixels(image_index),
+            "pixels": self.pixels(image_index),
             "image_index": image_index,
             "caption_index": index,
         }

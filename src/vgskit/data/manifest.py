@@ -25,6 +25,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from vgskit.errors import ManifestError
+from vgskit.fileio import temp_path_for
 
 REQUIRED_FIELDS = ("caption_id", "audio", "image", "image_id", "split")
 OPTIONAL_FIELDS = ("text", "speaker")
@@ -51,7 +52,7 @@ def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
     """Write records as JSONL atomically (temp file + rename), so a killed run never leaves half a manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path_for(path)
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")

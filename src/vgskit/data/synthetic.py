@@ -44,6 +44,7 @@ from PIL import Image
 
 from vgskit.data.manifest import Record, write_manifest
 from vgskit.errors import ConfigError, VGSKitError
+from vgskit.fileio import temp_path_for, write_text_atomic
 
 __all__ = [
     "FORMAT_VERSION",
@@ -624,14 +625,14 @@ def _render(scene: dict, glyphs: Sequence[np.ndarray], size: int, rng_seed: Sequ
 
 
 def _atomic_save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path_for(path)
     image.save(tmp, format="PNG")
     tmp.replace(path)
 
 
 def _atomic_save_wav(samples: np.ndarray, path: Path) -> None:
     # The stdlib writer is about twice as fast as libsndfile for this plain 16-bit PCM case.
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temp_path_for(path)
     with wave.open(str(tmp), "wb") as w:
         w.setnchannels(1)
         w.setsampwidth(2)
@@ -725,10 +726,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _atomic_write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, ensure_ascii=False)
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, ensure_ascii=False))
 
 
 def _marker(config: SpokenScenesConfig) -> dict:

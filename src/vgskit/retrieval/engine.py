@@ -13,6 +13,7 @@ index built once can be served many times::
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vgskit.errors import VGSKitError
+from vgskit.fileio import temp_path_for, write_text_atomic
 
 INDEX_FORMAT_VERSION = 1
+# Shorter queries leave the speech encoders with no complete frame after their strided layers.
+MIN_QUERY_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,12 @@ class SearchEngine:
             raise VGSKitError(
                 f"index is inconsistent: {tuple(image_emb.shape)} embeddings, {len(image_ids)} ids, "
                 f"{len(image_paths)} paths"
+            )
+        embed_dim = getattr(model, "embed_dim", image_emb.shape[1])
+        if image_emb.shape[1] != embed_dim:
+            raise VGSKitError(
+                f"index embeddings have dimension {image_emb.shape[1]} but the model embeds to {embed_dim}: "
+                "the index was built with another checkpoint (rebuild it with `vgskit index`)"
             )
         self.model = model.eval()
         self.image_emb = image_emb.float()
@@ -75,14 +85,15 @@ class SearchEngine:
 
     # -- persistence ---------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
+        """Write ``index.safetensors`` then ``index.json`` (each atomically; the JSON last, as the marker)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"image_emb": self.image_emb.contiguous()}, str(directory / "index.safetensors"))
-        meta = {"format_version": INDEX_FORMAT_VERSION, "image_ids": self.image_ids,
-                "image_paths": self.image_paths}
-        tmp = directory / "index.json.tmp"
-        tmp.write_text(json.dumps(meta))
-        tmp.replace(directory / "index.json")
+        tmp = temp_path_for(directory / "index.safetensors")
+        save_file({"image_emb": self.image_emb.contiguous()}, str(tmp))
+        os.replace(tmp, directory / "index.safetensors")
+        meta = {"format_version": INDEX_FORMAT_VERSION, "embed_dim": int(self.image_emb.shape[1]),
+                "image_ids": self.image_ids, "image_paths": self.image_paths}
+        write_text_atomic(directory / "index.json", json.dumps(meta))
         return directory
 
     @classmethod
@@ -92,15 +103,30 @@ class SearchEngine:
         for p in (meta_path, emb_path):
             if not p.is_file():
                 raise VGSKitError(f"search index {directory}: missing {p.name} (build it with `vgskit index`)")
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            emb = load_file(str(emb_path))["image_emb"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, OSError, RuntimeError) as e:
+            raise VGSKitError(f"search index {directory}: unreadable index files ({e})") from e
         if meta.get("format_version") != INDEX_FORMAT_VERSION:
             raise VGSKitError(f"search index {directory}: unsupported format version {meta.get('format_version')}")
-        return cls(model, load_file(str(emb_path))["image_emb"], meta["image_ids"], meta["image_paths"])
+        return cls(model, emb, meta["image_ids"], meta["image_paths"])
 
     # -- querying ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed_audio(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
-        wav_t = torch.as_tensor(np.asarray(wav, dtype=np.float32))[None]
+        """Embedding of one mono waveform at the model's sample rate (``[T]`` → ``[D]``)."""
+        wav_np = np.asarray(wav, dtype=np.float32)
+        if wav_np.ndim != 1:
+            raise VGSKitError(f"query waveform must be 1-D mono samples, got shape {wav_np.shape}")
+        sr = int(getattr(self.model, "sample_rate", 16000))
+        if wav_np.shape[0] < sr * MIN_QUERY_SECONDS:
+            raise VGSKitError(
+                f"query waveform is too short: {wav_np.shape[0]} samples ({wav_np.shape[0] / sr:.3f} s); "
+                f"at least {MIN_QUERY_SECONDS} s is needed")
+        if not np.isfinite(wav_np).all():
+            raise VGSKitError("query waveform contains NaN or infinite samples")
+        wav_t = torch.from_numpy(wav_np)[None]
         lengths = torch.tensor([wav_t.shape[1]])
         return self.model.encode_speech(wav_t, lengths).float()[0]
 

@@ -41,11 +41,12 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from vgskit.errors import InputFileError
+from vgskit.fileio import TMP_PREFIX, fsync_dir, write_text_atomic
 
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
 LATEST = "latest"
 BEST = "best"
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 _OLD_PREFIX = ".old-"
 
 
@@ -172,35 +173,10 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; directories cannot be opened this way on some platforms.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, allow_nan=False)
         f.write("\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that readers see either the old or the new content, never a mix."""
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -212,12 +188,20 @@ def _replace_dir(src: Path, dst: Path) -> None:
             shutil.rmtree(old)
         os.replace(dst, old)
     os.replace(src, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def _remove_stale(root: Path) -> None:
+    """Clean up after a killed writer. A ``.old-X-PID`` folder whose ``X`` is missing means the process died
+    between moving ``X`` aside and moving its replacement in (see :func:`_replace_dir`): put it back rather
+    than lose ``X`` (e.g. ``best``)."""
+    for p in list(root.iterdir()):
+        if p.name.startswith(_OLD_PREFIX) and p.is_dir():
+            original = root / p.name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+            if not original.exists():
+                os.replace(p, original)
     for p in root.iterdir():
         if p.name.startswith((_TMP_PREFIX, _OLD_PREFIX)):
             if p.is_dir():
@@ -285,7 +269,7 @@ def save_checkpoint(
             save_state(list(rng_states), tmp, "rng")
         for p in tmp.iterdir():
             _fsync_file(p)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -395,10 +379,23 @@ def load_checkpoint(
             scaler.load_state_dict(load_state(ckpt, "scaler"))
     except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(ckpt, f"optimizer/scheduler state does not fit: {e}") from e
-    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8")) if (ckpt / "config.json").is_file() else {}
-    state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
-    rng = load_state(ckpt, "rng") if (ckpt / "rng.json").is_file() else []
+    config = _read_json(ckpt / "config.json") if (ckpt / "config.json").is_file() else {}
+    state = _read_json(ckpt / "trainer_state.json")
+    try:
+        rng = load_state(ckpt, "rng") if (ckpt / "rng.json").is_file() else []
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise CheckpointError(ckpt, f"RNG state is unreadable: {e}") from e
     return LoadedCheckpoint(ckpt, state, config, list(rng))
+
+
+def _read_json(path: Path) -> Any:
+    """JSON of a checkpoint file, with an error that names the file when it is missing or corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(path.parent, f"{path.name} is missing") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path.parent, f"{path.name} is not valid JSON ({e})") from e
 
 
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
