@@ -2,7 +2,8 @@
 
     vgskit demo                                   # embedded corpus → train → evaluate → search → report
     vgskit data generate --preset tiny --out DIR  # (re)build the spoken-scenes corpus
-    vgskit data check MANIFEST                    # validate a manifest and summarise it
+    vgskit data prepare flickr8k --root DIR --out DIR   # a public corpus -> manifest (see vgskit.data.corpora)
+    vgskit data check MANIFEST [--expected flickr8k] [--plot durations.png]   # files, durations, split sizes
     vgskit train --recipe demo --out runs/x [--manifest M] [--resume] [--set train.lr=3e-4]
     torchrun --nproc_per_node=2 -m vgskit.cli train --recipe demo --out runs/x   # multi-process
     vgskit eval --checkpoint runs/x/best --manifest M --split test
@@ -42,10 +43,44 @@ def _cmd_data_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from vgskit.data.manifest import read_manifest, summarize
+    from vgskit.data.check import check_manifest, format_report, write_report
 
-    records = read_manifest(args.manifest, check_files=not args.no_files)
-    print(json.dumps(summarize(records), indent=2))
+    report = check_manifest(args.manifest, expected=args.expected, workers=args.workers,
+                            check_files=not args.no_files, deep=args.deep, plot=args.plot)
+    print(format_report(report))
+    if args.json:
+        write_report(report, args.json)
+    # A non-zero exit lets scripts stop before training on a corpus with problems.
+    return 0 if report["ok"] else 1
+
+
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    import logging
+
+    from vgskit.data.corpora import REPORT_NAME, prepare_corpus
+
+    logging.basicConfig(level=logging.INFO, format="vgskit: %(message)s")
+    opts: dict[str, object] = {"on_missing": args.on_missing, "check_files": not args.no_files}
+    if args.images:
+        pairs = [i.split("=", 1) for i in args.images if "=" in i]
+        # "--images coco=DIR --images open_images=DIR" gives one folder per collection (Localized Narratives).
+        opts["images"] = dict(pairs) if pairs and len(pairs) == len(args.images) else args.images[-1]
+    if args.audio:
+        opts["audio"] = args.audio
+    # Lists are comma-separated on the command line; flickr8k's --splits is a single mode name instead.
+    list_options = {"collections"} | ({"splits"} if args.corpus == "places" else set())
+    for key in ("splits", "scheme", "form", "collections"):
+        value = getattr(args, key)
+        if value is not None:
+            opts[key] = value.split(",") if key in list_options else value
+    manifest = prepare_corpus(args.corpus, args.root, args.out, **opts)
+    report = json.loads((manifest.parent / REPORT_NAME).read_text())
+    for name, v in report["splits"].items():
+        print(f"{name:<12} {v['images']:>8} images {v['captions']:>9} captions")
+    if report["missing_files"]:
+        print(f"{report['missing_files']} missing file(s), {report['dropped_captions']} caption(s) dropped; "
+              f"listed in {manifest.parent / REPORT_NAME}")
+    print(manifest)
     return 0
 
 
@@ -110,9 +145,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="output folder (default: the vgskit cache)")
     g.add_argument("--workers", type=int, default=None)
     g.set_defaults(func=_cmd_data_generate)
-    c = data.add_parser("check", help="validate a manifest and print a summary")
+    pr = data.add_parser("prepare", help="turn a public corpus into a manifest")
+    pr.add_argument("corpus", choices=["flickr8k", "spokencoco", "places", "localized_narratives", "csc"])
+    pr.add_argument("--root", required=True, help="folder the corpus was unpacked into")
+    pr.add_argument("--out", required=True, help="output folder for manifest.jsonl and prepare_report.json")
+    pr.add_argument("--images", action="append", default=[], metavar="DIR|COLLECTION=DIR",
+                    help="image folder, if not found under --root")
+    pr.add_argument("--audio", default=None, help="audio folder (places, localized_narratives, csc)")
+    pr.add_argument("--on-missing", choices=["drop", "error"], default="drop",
+                    help="captions with missing files: drop them with a warning (default) or fail")
+    pr.add_argument("--no-files", action="store_true", help="do not check that audio/image files exist")
+    pr.add_argument("--splits", default=None,
+                    help="flickr8k: auto|official|karpathy; places: comma-separated subset of the 2020 splits")
+    pr.add_argument("--scheme", default=None, help="spokencoco: karpathy (default) or original")
+    pr.add_argument("--form", default=None, help="spokencoco: auto (default), per_image or unrolled")
+    pr.add_argument("--collections", default=None,
+                    help="localized_narratives: comma-separated subset of coco,open_images,flickr30k,ade20k")
+    pr.set_defaults(func=_cmd_data_prepare)
+    c = data.add_parser("check", help="check a manifest's files and summarise it")
     c.add_argument("manifest")
     c.add_argument("--no-files", action="store_true", help="skip checking that audio/image files exist")
+    c.add_argument("--expected", default=None, metavar="CORPUS",
+                   help="compare split sizes with a corpus's standard ones (flickr8k, spokencoco_karpathy, "
+                        "spokencoco_original)")
+    c.add_argument("--plot", default=None, metavar="PATH", help="write a histogram of audio durations (PNG)")
+    c.add_argument("--deep", action="store_true", help="decode every file instead of reading headers")
+    c.add_argument("--workers", type=int, default=None, help="threads opening files (default: up to 8)")
+    c.add_argument("--json", default=None, metavar="PATH", help="also write the full report as JSON")
     c.set_defaults(func=_cmd_data_check)
 
     t = sub.add_parser("train", help="train a model from a recipe")
