@@ -71,9 +71,9 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert err.startswith("vgskit: error:") and "unknown recipe 'nope'" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"caption_id": "a"}\nnot json\n')
-    assert main(["data", "check", str(bad)]) == 2
-    err = capsys.readouterr().err
-    assert "bad.jsonl" in err and "line 2" in err
+    assert main(["data", "check", str(bad)]) == 1  # problems found: reported, not raised
+    out = capsys.readouterr().out
+    assert "bad.jsonl" in out and "line 2: invalid JSON" in out and "missing required field 'audio'" in out
 
 
 def test_search_cli(demo_run, capsys):
@@ -84,3 +84,23 @@ def test_search_cli(demo_run, capsys):
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("   ")]
     assert len(lines) == 3
     assert torch.tensor([float(ln.split()[1]) for ln in lines]).diff().le(0).all()
+
+
+def test_eval_and_index_cli(demo_run, tiny_manifest, tmp_path, capsys):
+    capsys.readouterr()
+    out_json = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(demo_run / "train"), "--manifest", str(tiny_manifest),
+                 "--split", "test", "--json", str(out_json)]) == 0
+    assert "speech to image" in capsys.readouterr().out
+    evaluated = json.loads(out_json.read_text())
+    demo = json.loads((demo_run / "results.json").read_text())["results"]
+    for direction in ("speech_to_image", "image_to_speech"):
+        for k in ("R@1", "R@5", "R@10"):
+            assert abs(evaluated[direction][k] - demo[direction][k]) < 1e-6
+
+    assert main(["index", "--checkpoint", str(demo_run / "train"), "--manifest", str(tiny_manifest),
+                 "--split", "test", "--out", str(tmp_path / "idx")]) == 0
+    built = SearchEngine.load(tmp_path / "idx", load_model(demo_run / "train"))
+    saved = SearchEngine.load(demo_run / "index", built.model)
+    assert built.image_ids == saved.image_ids
+    assert torch.allclose(built.image_emb, saved.image_emb, atol=1e-5)
