@@ -21,3 +21,37 @@ __all__ = [
     "ImageEncoderOutput",
     "SpeechEncoderOutput",
 ]
+
+# Pretrained towers (need the ``pretrained`` extra only when instantiated: transformers is imported lazily).
+from vgskit.encoders.efficientnet import EfficientNetLite0Encoder  # noqa: E402
+from vgskit.encoders.hub import KNOWN_TOWERS, MissingWeightsError, offline_mode, resolve_tower  # noqa: E402
+from vgskit.encoders.pretrained_image import PretrainedImageConfig, PretrainedImageEncoder  # noqa: E402
+from vgskit.encoders.pretrained_speech import (  # noqa: E402
+    PretrainedSpeechConfig,
+    PretrainedSpeechEncoder,
+    PretrainedSpeechOutput,
+    SpeechPreprocessing,
+    WeightedLayerSum,
+)
+from vgskit.encoders.regions import RegionFeatureReader, RegionFeatures  # noqa: E402
+from vgskit.encoders.text import ClipTextConfig, ClipTextEncoder, TextEncoderOutput  # noqa: E402
+
+__all__ += [
+    "KNOWN_TOWERS",
+    "ClipTextConfig",
+    "ClipTextEncoder",
+    "EfficientNetLite0Encoder",
+    "MissingWeightsError",
+    "PretrainedImageConfig",
+    "PretrainedImageEncoder",
+    "PretrainedSpeechConfig",
+    "PretrainedSpeechEncoder",
+    "PretrainedSpeechOutput",
+    "RegionFeatureReader",
+    "RegionFeatures",
+    "SpeechPreprocessing",
+    "TextEncoderOutput",
+    "WeightedLayerSum",
+    "offline_mode",
+    "resolve_tower",
+]
