@@ -4,11 +4,11 @@
     vgskit data generate --preset tiny --out DIR  # (re)build the spoken-scenes corpus
     vgskit data prepare flickr8k --root DIR --out DIR   # a public corpus -> manifest (see vgskit.data.corpora)
     vgskit data check MANIFEST [--expected flickr8k] [--plot durations.png]   # files, durations, split sizes
-    vgskit train --recipe demo --out runs/x [--manifest M] [--resume] [--set train.lr=3e-4]
+    vgskit train --recipe demo --out runs/x [--manifest M --corpus flickr8k] [--resume] [--set train.lr=3e-4]
     torchrun --nproc_per_node=2 -m vgskit.cli train --recipe demo --out runs/x   # multi-process
-    vgskit eval --checkpoint runs/x/best --manifest M --split test
-    vgskit index --checkpoint runs/x/best --manifest M --split test --out runs/x/index
-    vgskit search --checkpoint runs/x/best --index runs/x/index query.wav [-k 5]
+    vgskit eval --checkpoint runs/x --manifest M [--split test | --corpus places]   # runs/x: best checkpoint
+    vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
+    vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
 
 Imports of torch and friends happen inside the commands so that ``vgskit --help`` is instant.
 """
@@ -87,19 +87,25 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from vgskit.experiment import train_from_recipe
 
-    summary = train_from_recipe(args.recipe, out_dir=args.out, manifest=args.manifest, overrides=args.set,
-                                resume=args.resume)
+    summary = train_from_recipe(args.recipe, out_dir=args.out, manifest=args.manifest, corpus=args.corpus,
+                                overrides=args.set, resume=args.resume)
     if summary is not None:
         print(json.dumps(summary, indent=2, default=str))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vgskit.experiment import evaluate_checkpoint
+    from vgskit.experiment import evaluate_checkpoint, evaluate_corpus
     from vgskit.metrics import format_recall_table
 
-    results = evaluate_checkpoint(args.checkpoint, args.manifest, split=args.split, batch_size=args.batch_size)
-    print(format_recall_table(results))
+    if args.corpus is not None and args.split is None:
+        results = evaluate_corpus(args.checkpoint, args.manifest, args.corpus, batch_size=args.batch_size)
+        for split, split_results in results.items():
+            print(f"[{split}]\n{format_recall_table(split_results)}")
+    else:
+        results = evaluate_checkpoint(args.checkpoint, args.manifest, split=args.split or "test",
+                                      batch_size=args.batch_size)
+        print(format_recall_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -178,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", required=True, help="recipe name (see vgskit/recipes) or YAML path")
     t.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     t.add_argument("--manifest", default=None, help="manifest JSONL (default: the recipe's data.manifest)")
+    t.add_argument("--corpus", default=None,
+                   help="use this corpus's standard split names (flickr8k, spokencoco, places, ...)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     t.set_defaults(func=_cmd_train)
@@ -185,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="retrieval recall of a checkpoint on a manifest split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--manifest", required=True)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default=None, help="split to evaluate (default: test, or the corpus's test splits)")
+    e.add_argument("--corpus", default=None, help="evaluate every split this corpus's papers report on")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)

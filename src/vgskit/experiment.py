@@ -43,7 +43,9 @@ class DataConfig:
         manifest: JSONL manifest path; ``None`` uses the embedded spoken-scenes corpus ``corpus_preset``
             (generated and cached on first use).
         corpus_preset: spoken-scenes size when ``manifest`` is ``None`` (``demo`` or ``tiny``).
-        train_split, val_split, test_split: split names in the manifest.
+        corpus: a corpus name of :data:`vgskit.data.splits.STANDARD_SPLITS` (``flickr8k``, ``places``, ...):
+            sets the train/val split names to that corpus's standard ones.
+        train_split, val_split, test_split: split names in the manifest (explicit values win over ``corpus``).
         train_max_seconds: training captions are cropped to their first N seconds (throughput).
         eval_max_seconds: evaluation crop (``None``: whole captions).
         captions_per_image: captions of each image in a training batch (the rest of the batch is other images).
@@ -55,9 +57,19 @@ class DataConfig:
 
     manifest: str | None = None
     corpus_preset: str = "demo"
-    train_split: str = "train"
-    val_split: str = "val"
-    test_split: str = "test"
+    corpus: str | None = None
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+
+    def __post_init__(self) -> None:
+        from vgskit.data.splits import corpus_splits
+
+        std = corpus_splits(self.corpus or "spoken_scenes")
+        self.train_split = self.train_split or std.train
+        self.val_split = self.val_split or std.val
+        if self.test_split is None and std.test:
+            self.test_split = std.test[0]
     train_max_seconds: float | None = 8.0
     eval_max_seconds: float | None = None
     captions_per_image: int = 2
@@ -190,18 +202,25 @@ def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | Path,
-                      manifest: str | None = None, overrides: Iterable[str] = (), resume: bool = False,
-                      progress: bool = True) -> dict[str, Any]:
-    """Train the recipe's model on its data; returns the Trainer's summary (best checkpoint, metric, ...)."""
+                      manifest: str | None = None, corpus: str | None = None, overrides: Iterable[str] = (),
+                      resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the recipe's model on its data; returns the Trainer's summary (best checkpoint, metric, ...).
+
+    ``manifest`` and ``corpus`` (standard split names, see :mod:`vgskit.data.splits`) override the recipe's
+    ``data.manifest`` and ``data.corpus``.
+    """
     from vgskit.models.registry import create_model
     from vgskit.train.config import TrainConfig, config_from_dict
     from vgskit.train.distributed import is_main
     from vgskit.train.loop import Trainer
 
     exp = load_experiment(recipe, overrides)
-    data_cfg = data_config_from(exp.get("data"))
+    data_d = dict(exp.get("data") or {})
     if manifest is not None:
-        data_cfg.manifest = str(manifest)
+        data_d["manifest"] = str(manifest)
+    if corpus is not None:
+        data_d["corpus"] = corpus
+    data_cfg = data_config_from(data_d)
     train_d = dict(exp.get("train") or {})
     train_d["out_dir"] = str(out_dir)
     train_d.setdefault("select_metric", "val/mean_R@10")
@@ -273,9 +292,26 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
 
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
                         batch_size: int = 128, max_seconds: float | None = None) -> dict[str, Any]:
+    """Recall of a checkpoint on one split of a manifest."""
     model = load_model(checkpoint)
     ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True)
     return evaluate_model(model, ds, batch_size=batch_size)
+
+
+def evaluate_corpus(checkpoint: str | Path, manifest: str | Path, corpus: str, *, batch_size: int = 128,
+                    max_seconds: float | None = None) -> dict[str, dict[str, Any]]:
+    """Recall on every split the papers report for ``corpus`` (e.g. Places: test_seen and test_unseen)."""
+    from vgskit.data.splits import corpus_splits
+
+    splits = corpus_splits(corpus).test
+    if not splits:
+        raise ConfigError(f"corpus {corpus!r} has no standard test split (it is used for pretraining)")
+    model = load_model(checkpoint)
+    results = {}
+    for split in splits:
+        ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True)
+        results[split] = evaluate_model(model, ds, batch_size=batch_size)
+    return results
 
 
 def build_index(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
