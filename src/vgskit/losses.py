@@ -23,6 +23,15 @@ embeddings of the ``M`` distinct ids ``u_1..u_M`` (first occurrence of each id i
 This is the SpeechCLIP convention (same-image captions leave the denominator) written over unique images,
 which avoids an image competing against copies of itself when a batch has two captions per image.
 
+Per-caption image rows (SpeechCLIP's exact loss)
+------------------------------------------------
+SpeechCLIP's ``MaskedContrastiveLoss`` does not de-duplicate: it scores every caption against the image
+row of every caption, ``ℓ[i, k] = τ⁻¹ · <s_i, v_k>`` ``[N, N]``, and drops the off-diagonal entries with
+``g_i = g_k`` from both the row (speech→image) and the column (image→speech) denominators; the diagonal
+is the positive. An image with several captions in the batch therefore appears several times in the other
+rows' denominators. ``InfoNCELoss(dedup_images=False, max_logit_scale=None)`` computes exactly that
+(:func:`pairwise_masked_infonce_terms`); with every caption of its own image both forms coincide.
+
 Distributed training
 --------------------
 With ``gather=True`` and a process group of ``W > 1`` ranks, embeddings and ids are all-gathered (with
@@ -85,6 +94,28 @@ def masked_infonce_terms(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor
     return s2i, i2s
 
 
+def pairwise_masked_infonce_terms(logits: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-caption terms of SpeechCLIP's loss over per-caption image rows (see the module docstring).
+
+    Args:
+        logits: ``[N, N]`` scaled similarities, captions × the image row of each caption.
+        image_ids: ``[N]`` image id of each caption.
+
+    Returns:
+        ``(s2i, i2s)``, each ``[N]``: row ``i`` (speech→image) and column ``i`` (image→speech) terms.
+    """
+    n = logits.shape[0]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    # Same image but not the pair itself: neither positive nor negative, so it leaves both denominators.
+    # A finite fill keeps logsumexp finite and gives those entries zero gradient.
+    drop = (image_ids[:, None] == image_ids[None, :]) & ~eye  # [N, N]
+    masked = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+    positive = logits.diagonal()  # [N]
+    s2i = torch.logsumexp(masked, dim=1) - positive
+    i2s = torch.logsumexp(masked, dim=0) - positive
+    return s2i, i2s
+
+
 class InfoNCELoss(nn.Module):
     """Symmetric masked InfoNCE over L2-normalised embeddings with a learnable or fixed temperature.
 
@@ -92,16 +123,19 @@ class InfoNCELoss(nn.Module):
         init_temperature: initial ``τ`` (logit scale ``1/τ``; default 0.07 as in CLIP).
         learnable_temperature: learn ``log(1/τ)``; otherwise it is a fixed buffer.
         max_logit_scale: upper bound on ``1/τ`` (clamped in the forward pass, as in CLIP, so the
-            temperature cannot collapse and blow up the logits).
+            temperature cannot collapse and blow up the logits); ``None``: no clamp (SpeechCLIP).
         gather: all-gather across ranks when a process group with more than one rank is active.
+        dedup_images: score captions against unique images (default); ``False``: against the image row
+            of every caption, SpeechCLIP's exact ``MaskedContrastiveLoss``.
     """
 
     def __init__(
         self,
         init_temperature: float = 0.07,
         learnable_temperature: bool = True,
-        max_logit_scale: float = 100.0,
+        max_logit_scale: float | None = 100.0,
         gather: bool = True,
+        dedup_images: bool = True,
     ):
         super().__init__()
         init = torch.tensor(math.log(1.0 / init_temperature), dtype=torch.float32)
@@ -111,10 +145,12 @@ class InfoNCELoss(nn.Module):
             self.register_buffer("logit_scale", init)
         self.max_logit_scale = max_logit_scale
         self.gather = gather
+        self.dedup_images = dedup_images
 
     def scale(self) -> Tensor:
-        """Current logit scale ``1/τ`` (clamped)."""
-        return self.logit_scale.exp().clamp(max=self.max_logit_scale)
+        """Current logit scale ``1/τ`` (clamped unless ``max_logit_scale`` is ``None``)."""
+        scale = self.logit_scale.exp()
+        return scale if self.max_logit_scale is None else scale.clamp(max=self.max_logit_scale)
 
     def _gather(self, speech: Tensor, image: Tensor, image_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not (self.gather and torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -131,7 +167,8 @@ class InfoNCELoss(nn.Module):
         Args:
             speech: ``[N, D]`` caption embeddings (L2-normalised).
             image: ``[N, D]`` image embedding of each caption's image, row-aligned with ``speech``
-                (rows of captions of the same image are equal; only the first occurrence is used).
+                (rows of captions of the same image are equal; only the first occurrence is used, unless
+                ``dedup_images=False``, where every row is used as given).
             image_ids: ``[N]`` image id (or any group id) per caption; ``None`` means every caption has its
                 own image (plain CLIP loss).
 
@@ -141,8 +178,13 @@ class InfoNCELoss(nn.Module):
         if image_ids is None:
             image_ids = torch.arange(speech.shape[0], device=speech.device)
         speech, image, image_ids = self._gather(speech, image, image_ids)  # [N_global, ...]
-        first, target = unique_images(image_ids)  # [M], [N]
         # float32 logits even under autocast: with a scale up to 100, bf16 would round logits by ~0.5.
+        if not self.dedup_images:
+            with torch.autocast(speech.device.type, enabled=False):
+                logits = self.scale() * speech.float() @ image.float().T  # [N, N]
+                s2i, i2s = pairwise_masked_infonce_terms(logits, image_ids)
+                return 0.5 * (s2i.mean() + i2s.mean())
+        first, target = unique_images(image_ids)  # [M], [N]
         with torch.autocast(speech.device.type, enabled=False):
             logits = self.scale() * speech.float() @ image[first].float().T  # [N, M]
             s2i, i2s = masked_infonce_terms(logits, target)
