@@ -1,0 +1,809 @@
+"""Frozen-feature cache: run a frozen tower once over a corpus, then train from memory-mapped fp16 features.
+
+A frozen speech or image tower gives the same output for a file every epoch, and on most setups it costs
+far more than the trainable head on top of it. :func:`extract` runs it once and stores its outputs;
+:class:`CachedSpokenCaptionDataset` + :func:`collate_cached_captions` serve them back, and
+:class:`CachedSpeechEncoder` / :class:`CachedImageEncoder` stand in for the towers, so a model written for
+``encoder(batch["wavs"], batch["lengths"])`` and ``encoder(batch["pixels"])`` trains unchanged.
+
+Layout of ``root/<tower_key>/``:
+
+* ``index.json``: format version, the extraction options, tower metadata (width, frame rate, layers) and,
+  per item, its source file and the offset/shape of each of its arrays; replaced atomically.
+* ``<array>.bin``: one flat float16 file per array name (``hidden`` for speech, ``tokens``/``pooled`` for
+  images), read through ``numpy.memmap``. Utterances have different frame counts, so one flat file with
+  offsets is used instead of one ``.npy`` per array (no ragged arrays, one file handle, one mapping).
+* ``tower.json``: the tower description the key was hashed from, for people wondering what a folder holds.
+
+Keys. :func:`tower_key` hashes the tower's class, its configuration (vgskit and transformers), its
+preprocessing, a hash of every weight and buffer, and the :class:`ExtractionOptions`. Hashing the weights
+rather than their file's name or mtime also catches re-initialised layers and in-memory edits. A cache
+built for another tower or other options therefore lives in another folder and is never reused by
+mistake; :func:`extract` also recomputes the key of the tower it is given and refuses a mismatch. Each item
+is keyed by the hash of ``(tower key, absolute path, size, mtime_ns)`` of its input file, so an edited file
+is extracted again (its stale entry is dropped from the index).
+
+Resuming. Arrays are appended to the ``.bin`` files; the index is rewritten (data fsynced first, then the
+index replaced atomically) every ``flush_every`` items, at most once per ``flush_interval`` seconds (the
+index of a large corpus is megabytes, rewriting it every few items would cost more than extraction), and
+when extraction ends or fails. A killed extraction loses at most the items since the last flush: on reopen
+the ``.bin`` files are cut back to the sizes the index records, and :func:`extract` only runs missing items.
+
+One writer at a time per folder; any number of readers (they only see flushed items).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from vgskit.data.manifest import Record
+from vgskit.errors import ConfigError, VGSKitError
+from vgskit.fileio import fsync_dir, write_text_atomic
+from vgskit.layers import ImageEncoderOutput, SpeechEncoderOutput, lengths_to_mask
+
+CACHE_FORMAT = 1
+INDEX_NAME = "index.json"
+TOWER_NAME = "tower.json"
+STORE_DTYPE = np.float16
+_ITEM_BYTES = np.dtype(STORE_DTYPE).itemsize
+Kind = Literal["speech", "image"]
+
+
+class FeatureCacheError(VGSKitError):
+    """A feature cache that cannot be used (corrupt or truncated files, another tower, missing items)."""
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """What is extracted from a tower; part of the cache key.
+
+    Attributes:
+        kind: ``"speech"`` (waveform tower, :class:`SpeechEncoderOutput`) or ``"image"``
+            (:class:`ImageEncoderOutput`).
+        layers: speech only: indices into ``hidden_states`` to keep (negative ones count from the end;
+            ``None``: every hidden state). The last kept one becomes ``last_hidden_state`` when read back.
+        pooled: speech: store the mean over valid frames of each kept layer (``[L, D]``) instead of frames
+            (``[L, T, D]``); image: store only the pooled vector, not the patch tokens.
+        max_seconds: speech only: crop utterances to their first ``max_seconds`` before the tower (as
+            :class:`~vgskit.data.loader.SpokenCaptionDataset` does), ``None``: whole files.
+    """
+
+    kind: Kind = "speech"
+    layers: tuple[int, ...] | None = None
+    pooled: bool = False
+    max_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("speech", "image"):
+            raise ConfigError(f"ExtractionOptions.kind must be 'speech' or 'image', got {self.kind!r}")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+            if not self.layers:
+                raise ConfigError("ExtractionOptions.layers must name at least one layer (or be None)")
+            if self.kind == "image":
+                raise ConfigError("ExtractionOptions.layers applies to speech towers only")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"ExtractionOptions.max_seconds must be positive or None, got {self.max_seconds!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (``layers`` as a list)."""
+        d = dataclasses.asdict(self)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExtractionOptions:
+        """Inverse of :meth:`to_json`."""
+        layers = data.get("layers")
+        return cls(
+            kind=data.get("kind", "speech"),
+            layers=None if layers is None else tuple(layers),
+            pooled=bool(data.get("pooled", False)),
+            max_seconds=data.get("max_seconds"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """Hash of every parameter and buffer (names, dtypes, shapes and bytes) of ``module``.
+
+    Reading a base-size tower's weights costs a fraction of a second, negligible next to extraction, and
+    unlike the weight file's size/mtime it sees re-initialised layers and weights changed in memory.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    # Dataclasses and transformers configs → JSON-ready dicts; the library version is left out so that an
+    # upgrade does not orphan every cache (weights and config fields still have to match).
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "to_dict"):
+        d = dict(value.to_dict())
+        d.pop("transformers_version", None)
+        return d
+    return value
+
+
+def tower_description(tower: nn.Module, options: ExtractionOptions) -> dict[str, Any]:
+    """Everything :func:`tower_key` hashes, as a JSON-ready dict."""
+    desc: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "class": f"{type(tower).__module__}.{type(tower).__qualname__}",
+        "options": options.to_json(),
+        "weights": weights_fingerprint(tower),
+    }
+    for attr in ("config", "hf_config", "preprocessing", "transform"):
+        if hasattr(tower, attr):
+            desc[attr] = _plain(getattr(tower, attr))
+    return desc
+
+
+def _hash_json(obj: Any, n_hex: int = 16) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=n_hex // 2).hexdigest()
+
+
+def tower_key(
+    tower: nn.Module,
+    options: ExtractionOptions | None = None,
+    *,
+    kind: Kind = "speech",
+    layers: Sequence[int] | None = None,
+    pooled: bool = False,
+    max_seconds: float | None = None,
+) -> str:
+    """Stable 16-hex-digit key of ``tower`` (config + weight hash) and the extraction options.
+
+    Pass either ``options`` or the individual fields.
+    """
+    if options is None:
+        options = ExtractionOptions(kind, None if layers is None else tuple(layers), pooled, max_seconds)
+    return _hash_json(tower_description(tower, options))
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    """``(absolute path, size, mtime_ns)`` of an input file; a changed file gets a new identity."""
+    p = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise FeatureCacheError(f"input file {p}: cannot stat ({exc.strerror or exc})") from exc
+    return p, int(st.st_size), int(st.st_mtime_ns)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    source: str
+    arrays: dict[str, tuple[int, tuple[int, ...]]]  # name -> (offset in elements, shape)
+
+
+@dataclass
+class _Index:
+    options: ExtractionOptions
+    meta: dict[str, Any] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # array name -> elements in its .bin
+    items: dict[str, _Entry] = field(default_factory=dict)
+
+
+class FeatureCache:
+    """Memory-mapped fp16 features of one tower configuration, in ``root/<tower_key>/``.
+
+    Args:
+        root: folder holding one sub-folder per tower key.
+        tower_key: from :func:`tower_key` (or use :meth:`for_tower`).
+        options: the extraction options; required to create a cache, checked against an existing one.
+
+    Reading: :meth:`get` (``{name: float16 Tensor}``), :meth:`key_for`, ``path in cache``. Writing (one
+    process): :meth:`put` then :meth:`flush`; :func:`extract` does both.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], tower_key: str, options: ExtractionOptions | None = None):
+        if not tower_key or any(c in tower_key for c in "/\\") or tower_key in (".", ".."):
+            raise ConfigError(f"FeatureCache: invalid tower key {tower_key!r}")
+        self.root = Path(root)
+        self.tower_key = tower_key
+        self.folder = self.root / tower_key
+        self.index_path = self.folder / INDEX_NAME
+        self._maps: dict[str, np.memmap] = {}
+        self._writers: dict[str, Any] = {}
+        self._pending = 0
+        self._last_flush = time.monotonic()
+        if self.index_path.exists():
+            self._index = self._read_index()
+            if options is not None and options != self._index.options:
+                raise FeatureCacheError(
+                    f"{self.index_path}: cache was built with {self._index.options}, not {options}"
+                )
+        else:
+            if options is None:
+                raise FeatureCacheError(
+                    f"no feature cache at {self.folder} (no {INDEX_NAME}); extract features first"
+                )
+            self._index = _Index(options)
+        self._by_source = {e.source: k for k, e in self._index.items.items()}
+
+    @classmethod
+    def for_tower(
+        cls, root: str | os.PathLike[str], tower: nn.Module, options: ExtractionOptions | None = None
+    ) -> FeatureCache:
+        """Open (or prepare) the cache of ``tower`` under ``options`` (default: speech, all layers, frames)."""
+        options = options or ExtractionOptions()
+        desc = tower_description(tower, options)
+        cache = cls(root, _hash_json(desc), options)
+        if not (cache.folder / TOWER_NAME).exists():
+            cache.folder.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cache.folder / TOWER_NAME, json.dumps(desc, indent=1, sort_keys=True, default=str))
+        return cache
+
+    # -- index -------------------------------------------------------------------------------------------------
+
+    def _corrupt(self, problem: str) -> FeatureCacheError:
+        return FeatureCacheError(
+            f"feature cache index {self.index_path}: {problem}; delete {self.folder} to extract again"
+        )
+
+    def _read_index(self) -> _Index:
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise self._corrupt(f"unreadable ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise self._corrupt(f"corrupt or truncated JSON ({exc.msg} at line {exc.lineno})") from exc
+        if not isinstance(data, dict):
+            raise self._corrupt("not a JSON object")
+        if data.get("format") != CACHE_FORMAT:
+            raise self._corrupt(f"format {data.get('format')!r}, this version reads format {CACHE_FORMAT}")
+        if data.get("tower_key") != self.tower_key:
+            raise self._corrupt(f"written for tower key {data.get('tower_key')!r}, not {self.tower_key!r}")
+        try:
+            index = _Index(
+                ExtractionOptions.from_json(data["options"]),
+                dict(data.get("meta", {})),
+                {str(k): int(v) for k, v in data["sizes"].items()},
+            )
+            for key, raw in data["items"].items():
+                arrays = {str(n): (int(off), tuple(int(s) for s in shape)) for n, (off, shape) in raw["arrays"].items()}
+                for name, (off, shape) in arrays.items():
+                    if off < 0 or off + math.prod(shape) > index.sizes.get(name, -1):
+                        raise ValueError(f"item {key} array {name!r} lies outside the recorded data")
+                index.items[str(key)] = _Entry(str(raw["source"]), arrays)
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+            raise self._corrupt(f"malformed ({type(exc).__name__}: {exc})") from exc
+        for name, n in index.sizes.items():
+            path = self._bin(name)
+            have = path.stat().st_size if path.exists() else -1
+            if have < n * _ITEM_BYTES:
+                raise FeatureCacheError(
+                    f"feature cache data file {path} is truncated ({max(have, 0)} bytes, the index "
+                    f"{self.index_path} expects {n * _ITEM_BYTES}); delete {self.folder} to extract again"
+                )
+        return index
+
+    def _bin(self, name: str) -> Path:
+        return self.folder / f"{name}.bin"
+
+    @property
+    def options(self) -> ExtractionOptions:
+        """The :class:`ExtractionOptions` of this cache."""
+        return self._index.options
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Tower metadata recorded at extraction (``width``, ``frame_rate``, ``layers``, shapes...)."""
+        return self._index.meta
+
+    def set_meta(self, meta: dict[str, Any]) -> None:
+        """Record tower metadata; refuses to change what earlier extraction recorded."""
+        for k, v in meta.items():
+            if k in self._index.meta and self._index.meta[k] != v:
+                raise FeatureCacheError(f"{self.index_path}: metadata {k}={self._index.meta[k]!r}, now {v!r}")
+        self._index.meta.update(meta)
+
+    def __len__(self) -> int:
+        return len(self._index.items)
+
+    def key_for(self, path: str | os.PathLike[str]) -> str:
+        """Item key of ``path`` as it is now (hash of tower key, absolute path, size and mtime)."""
+        return _hash_json([self.tower_key, *file_identity(path)], n_hex=24)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and self.key_for(path) in self._index.items
+
+    def has_key(self, key: str) -> bool:
+        """Whether item ``key`` is stored."""
+        return key in self._index.items
+
+    def shapes(self, key: str) -> dict[str, tuple[int, ...]]:
+        """Shapes of the arrays of item ``key`` (no data read)."""
+        return {n: shape for n, (_, shape) in self._entry(key).arrays.items()}
+
+    def _entry(self, key: str) -> _Entry:
+        try:
+            return self._index.items[key]
+        except KeyError:
+            raise FeatureCacheError(f"item {key} is not in the feature cache {self.folder}") from None
+
+    def _map(self, name: str, end: int) -> np.memmap:
+        mm = self._maps.get(name)
+        if mm is None or mm.shape[0] < end:
+            if name in self._writers:
+                self._writers[name].flush()  # items put but not yet flushed are read back by their writer
+            # (Re)map lazily: the file grows while extracting, and each DataLoader worker maps it itself.
+            mm = np.memmap(self._bin(name), dtype=STORE_DTYPE, mode="r", shape=(self._index.sizes[name],))
+            self._maps[name] = mm
+        return mm
+
+    def get(self, key_or_path: str | os.PathLike[str]) -> dict[str, Tensor]:
+        """Arrays of one item (by key, or by input path) as float16 tensors."""
+        key = key_or_path if isinstance(key_or_path, str) and key_or_path in self._index.items else None
+        entry = self._entry(key if key is not None else self.key_for(key_or_path))
+        out = {}
+        for name, (off, shape) in entry.arrays.items():
+            n = math.prod(shape)
+            # np.array copies out of the mapping: tensors must be writable and must not pin the file.
+            out[name] = torch.from_numpy(np.array(self._map(name, off + n)[off : off + n]).reshape(shape))
+        return out
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def _writer(self, name: str) -> Any:
+        w = self._writers.get(name)
+        if w is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            path = self._bin(name)
+            w = open(path, "ab")  # noqa: SIM115 - kept open across put() calls, closed by close()/flush
+            # Drop whatever a killed run appended after the last index flush.
+            w.truncate(self._index.sizes.get(name, 0) * _ITEM_BYTES)
+            w.seek(0, os.SEEK_END)
+            self._writers[name] = w
+        return w
+
+    def put(self, path: str | os.PathLike[str], arrays: dict[str, np.ndarray | Tensor]) -> str:
+        """Append the arrays of input ``path`` (stored as float16); visible to readers after :meth:`flush`."""
+        source, _, _ = file_identity(path)
+        key = self.key_for(path)
+        entry = _Entry(source, {})
+        for name, value in arrays.items():
+            arr = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+            arr = np.ascontiguousarray(arr, dtype=STORE_DTYPE)
+            if not np.isfinite(arr).all():
+                raise FeatureCacheError(f"{source}: non-finite features (overflow in float16?); not cached")
+            w = self._writer(name)
+            offset = self._index.sizes.get(name, 0)
+            w.write(arr.tobytes())
+            self._index.sizes[name] = offset + arr.size
+            entry.arrays[name] = (offset, tuple(arr.shape))
+        old = self._by_source.get(source)
+        if old is not None and old != key:
+            del self._index.items[old]  # the file changed: its old features are stale (space is not reclaimed)
+        self._index.items[key] = entry
+        self._by_source[source] = key
+        self._pending += 1
+        return key
+
+    def flush(self) -> None:
+        """Make appended items durable and visible: fsync the data files, then replace the index atomically."""
+        for w in self._writers.values():
+            w.flush()
+            os.fsync(w.fileno())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.folder)
+        ix = self._index
+        data = {
+            "format": CACHE_FORMAT,
+            "tower_key": self.tower_key,
+            "options": ix.options.to_json(),
+            "meta": ix.meta,
+            "sizes": ix.sizes,
+            "items": {
+                k: {"source": e.source, "arrays": {n: [off, list(s)] for n, (off, s) in e.arrays.items()}}
+                for k, e in ix.items.items()
+            },
+        }
+        write_text_atomic(self.index_path, json.dumps(data, separators=(",", ":")))
+        self._pending = 0
+        self._last_flush = time.monotonic()
+
+    def maybe_flush(self, every: int, interval: float) -> None:
+        """:meth:`flush` when ``every`` items are pending and ``interval`` seconds passed since the last one."""
+        if self._pending >= every and time.monotonic() - self._last_flush >= interval:
+            self.flush()
+
+    def close(self) -> None:
+        """Flush pending items and close the data files."""
+        if self._pending or not self.index_path.exists():
+            self.flush()
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        self._maps.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extraction
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _input_paths(inputs: Iterable[Record | str | os.PathLike[str]], kind: Kind) -> list[str]:
+    paths: list[str] = []
+    seen: set[str] = set()
+    for x in inputs:
+        p = (x.audio if kind == "speech" else x.image) if isinstance(x, Record) else os.fspath(x)
+        p = os.path.abspath(p)
+        if p not in seen:  # an image has several captions: extract it once
+            seen.add(p)
+            paths.append(p)
+    return paths
+
+
+def _resolve_layers(layers: tuple[int, ...] | None, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    out = []
+    for i in layers:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise ConfigError(f"layer {i} out of range: the tower has {n} hidden states")
+        out.append(j)
+    return out
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _speech_batch(
+    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device
+) -> list[dict[str, np.ndarray]]:
+    from vgskit.audio import load_audio
+
+    opts = cache.options
+    rate = int(getattr(getattr(tower, "preprocessing", None), "sample_rate", 16000))
+    wavs = []
+    for p in paths:
+        w = load_audio(p, sample_rate=rate)
+        wavs.append(w if opts.max_seconds is None else w[: int(round(opts.max_seconds * rate))])
+    lengths = torch.tensor([len(w) for w in wavs], dtype=torch.long)
+    batch = torch.zeros(len(wavs), int(lengths.max()), dtype=torch.float32)
+    for i, w in enumerate(wavs):
+        batch[i, : len(w)] = torch.from_numpy(w)
+    out: SpeechEncoderOutput = tower(batch.to(device), lengths.to(device))
+    states = out.hidden_states if out.hidden_states is not None else (out.last_hidden_state,)
+    layers = _resolve_layers(opts.layers, len(states))
+    cache.set_meta(
+        {
+            "kind": "speech",
+            "frame_rate": float(out.frame_rate),
+            "width": int(states[layers[0]].shape[-1]),
+            "layers": layers,
+            "num_hidden_states": len(states),
+        }
+    )
+    if len({int(states[i].shape[-1]) for i in layers}) != 1:
+        raise ConfigError("cached speech layers must share one width")
+    stacked = torch.stack([states[i] for i in layers], dim=1).float()  # [B, L, T', D]
+    frames = out.lengths.cpu()
+    result = []
+    for b in range(len(paths)):
+        n = int(frames[b])
+        x = stacked[b, :, :n]  # [L, T_b, D]
+        result.append({"hidden": (x.mean(dim=1) if opts.pooled else x).cpu().numpy()})  # [L, D] or [L, T_b, D]
+    return result
+
+
+def _image_batch(
+    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device
+) -> list[dict[str, np.ndarray]]:
+    from vgskit.images import ImageTransform, load_image
+
+    transform: ImageTransform = getattr(tower, "transform", None) or ImageTransform()
+    pixels = torch.stack([transform(load_image(p)) for p in paths]).to(device)  # [B, 3, S, S]
+    out: ImageEncoderOutput = tower(pixels)
+    pooled = out.pooled.float().cpu()  # [B, D']
+    tokens = out.tokens.float().cpu()  # [B, N, D]
+    meta: dict[str, Any] = {"kind": "image", "width": int(pooled.shape[-1])}
+    if not cache.options.pooled:
+        meta["tokens_shape"] = [int(tokens.shape[1]), int(tokens.shape[2])]
+    cache.set_meta(meta)
+    result = []
+    for b in range(len(paths)):
+        arrays = {"pooled": pooled[b].numpy()}
+        if not cache.options.pooled:
+            arrays["tokens"] = tokens[b].numpy()
+        result.append(arrays)
+    return result
+
+
+def extract(
+    cache: FeatureCache,
+    tower: nn.Module,
+    inputs: Iterable[Record | str | os.PathLike[str]],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    flush_every: int = 64,
+    flush_interval: float = 10.0,
+    device: str | torch.device | None = None,
+    check_key: bool = True,
+) -> int:
+    """Run ``tower`` on the inputs the cache lacks and store its outputs; returns how many were extracted.
+
+    Args:
+        cache: target cache; its :attr:`FeatureCache.options` say what to store.
+        tower: a speech tower (``(wavs, lengths) -> SpeechEncoderOutput``) or image tower
+            (``pixels -> ImageEncoderOutput``), run in eval mode under ``no_grad`` (its mode is restored).
+        inputs: records (their ``audio`` or ``image``) or file paths; duplicates are extracted once.
+        batch_size: files per tower call. Speech towers that pad exactly (see
+            :mod:`vgskit.encoders.pretrained_speech`) give the same features for any batch size.
+        progress: tqdm progress bar over the missing files.
+        flush_every: index flush period in items (see the module docstring on resuming).
+        flush_interval: minimum seconds between two periodic flushes.
+        device: where to run the tower (default: where its parameters are).
+        check_key: recompute :func:`tower_key` and refuse a tower that does not match the cache.
+    """
+    if batch_size < 1 or flush_every < 1:
+        raise ConfigError(f"extract: batch_size and flush_every must be >= 1, got {batch_size}, {flush_every}")
+    opts = cache.options
+    if check_key:
+        key = tower_key(tower, opts)
+        if key != cache.tower_key:
+            raise FeatureCacheError(
+                f"tower does not match the feature cache {cache.folder}: its key is {key} (different config, "
+                f"weights or options); open FeatureCache.for_tower(root, tower, options) instead"
+            )
+    paths = _input_paths(inputs, opts.kind)
+    todo = [p for p in paths if p not in cache]
+    if not todo:
+        return 0
+    if device is None:
+        first = next(iter(tower.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    run = _speech_batch if opts.kind == "speech" else _image_batch
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"extract {opts.kind} {cache.tower_key}", unit="file")
+    was_training = tower.training
+    tower.eval()
+    done = 0
+    try:
+        with torch.no_grad():
+            for chunk in _batches(todo, batch_size):
+                for p, arrays in zip(chunk, run(cache, tower, chunk, device), strict=True):
+                    cache.put(p, arrays)
+                    done += 1
+                cache.maybe_flush(flush_every, flush_interval)
+                if bar is not None:
+                    bar.update(len(chunk))
+    finally:
+        # Keep every finished item, also when interrupted (Ctrl-C, an unreadable file): a rerun resumes.
+        cache.close()
+        tower.train(was_training)
+        if bar is not None:
+            bar.close()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training from the cache
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_complete(cache: FeatureCache, paths: Sequence[str]) -> list[str]:
+    keys, missing = [], []
+    for p in paths:
+        k = cache.key_for(p)
+        keys.append(k)
+        if not cache.has_key(k):
+            missing.append(p)
+    if missing:
+        shown = "\n  ".join(missing[:5])
+        more = f"\n  ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise FeatureCacheError(
+            f"feature cache {cache.folder} lacks {len(missing)} of {len(paths)} files (new or changed since "
+            f"extraction); run extract() first:\n  {shown}{more}"
+        )
+    return keys
+
+
+class CachedSpokenCaptionDataset(Dataset):
+    """A :class:`~vgskit.data.loader.SpokenCaptionDataset` whose frozen towers' outputs come from caches.
+
+    Items keep the base dataset's keys, so :func:`collate_cached_captions` yields the batch a model already
+    reads: with ``speech_cache``, ``wav`` is the cached ``[L, T', D]`` (or ``[L, D]`` pooled) float16
+    features and ``length`` their frame count (waveforms are not read at all); with ``image_cache``,
+    ``pixels`` is the image's cached arrays flattened into one float16 vector. Pair it with
+    :class:`CachedSpeechEncoder` / :class:`CachedImageEncoder` as the model's towers.
+
+    Every file is checked against the cache up front (stat only), so a stale cache fails here, not mid-epoch.
+    """
+
+    def __init__(self, base: Any, speech_cache: FeatureCache | None = None, image_cache: FeatureCache | None = None):
+        if speech_cache is None and image_cache is None:
+            raise ConfigError("CachedSpokenCaptionDataset: give a speech_cache, an image_cache or both")
+        self.base = base
+        self.speech_cache = speech_cache
+        self.image_cache = image_cache
+        self.records = base.records
+        self.image_keys = base.image_keys
+        self.caption_image_index = base.caption_image_index
+        self.speech_keys: list[str] | None = None
+        self.image_cache_keys: list[str] | None = None
+        if speech_cache is not None:
+            opts = speech_cache.options
+            if opts.kind != "speech":
+                raise ConfigError(f"speech_cache {speech_cache.folder} holds {opts.kind} features")
+            want = None if opts.max_seconds is None else int(round(opts.max_seconds * base.sample_rate))
+            if want != base.max_samples:
+                raise ConfigError(
+                    f"speech cache crops to max_seconds={opts.max_seconds}, the dataset to "
+                    f"{None if base.max_samples is None else base.max_samples / base.sample_rate} s"
+                )
+            self.speech_keys = _check_complete(speech_cache, [r.audio for r in self.records])
+        if image_cache is not None:
+            if image_cache.options.kind != "image":
+                raise ConfigError(f"image_cache {image_cache.folder} holds {image_cache.options.kind} features")
+            self.image_cache_keys = _check_complete(image_cache, list(base.image_paths))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def num_frames(self) -> list[int]:
+        """Cached frames per caption (for length bucketing; 1 for pooled features)."""
+        if self.speech_cache is None or self.speech_keys is None:
+            return list(self.base.num_samples())
+        pooled = self.speech_cache.options.pooled
+        return [1 if pooled else self.speech_cache.shapes(k)["hidden"][1] for k in self.speech_keys]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_index = self.caption_image_index[index]
+        if self.speech_cache is not None and self.speech_keys is not None:
+            wav = self.speech_cache.get(self.speech_keys[index])["hidden"]
+            length = 1 if wav.dim() == 2 else int(wav.shape[1])
+        else:
+            wav = self.base.waveform(index)
+            length = int(wav.shape[0])
+        if self.image_cache is not None and self.image_cache_keys is not None:
+            arrays = self.image_cache.get(self.image_cache_keys[image_index])
+            # tokens first, then pooled: the order CachedImageEncoder unpacks.
+            pixels = torch.cat([arrays[n].reshape(-1) for n in ("tokens", "pooled") if n in arrays])
+        else:
+            pixels = self.base.pixels(image_index)
+        return {"wav": wav, "length": length, "pixels": pixels, "image_index": image_index, "caption_index": index}
+
+
+def collate_cached_captions(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """Batch :class:`CachedSpokenCaptionDataset` items (the keys :func:`collate_spoken_captions` returns).
+
+    Cached speech features ``[L, T_b, D]`` are zero-padded to ``wavs [B, L, T, D]`` (float16) with
+    ``lengths [B]`` in frames; pooled ones stack to ``[B, L, D]``. Raw waveforms (no speech cache) fall back to
+    :func:`~vgskit.data.loader.collate_spoken_captions`.
+    """
+    if not items:
+        raise ConfigError("collate_cached_captions: empty batch")
+    first = items[0]["wav"]
+    if first.dim() == 1:
+        from vgskit.data.loader import collate_spoken_captions
+
+        return collate_spoken_captions(items)
+    lengths = torch.tensor([int(it["length"]) for it in items], dtype=torch.long)
+    if first.dim() == 2:  # pooled: [L, D]
+        wavs = torch.stack([it["wav"] for it in items])
+    else:
+        L, _, D = first.shape
+        wavs = torch.zeros(len(items), L, int(lengths.max()), D, dtype=first.dtype)
+        for row, it in enumerate(items):
+            wavs[row, :, : it["length"]] = it["wav"]
+    return {
+        "wavs": wavs,
+        "lengths": lengths,
+        "pixels": torch.stack([it["pixels"] for it in items]),
+        "image_ids": torch.tensor([int(it["image_index"]) for it in items], dtype=torch.long),
+        "caption_ids": torch.tensor([int(it["caption_index"]) for it in items], dtype=torch.long),
+    }
+
+
+class CachedSpeechEncoder(nn.Module):
+    """Stand-in for a frozen speech tower: turns cached features back into a :class:`SpeechEncoderOutput`.
+
+    ``forward(wavs, lengths)`` takes the ``wavs [B, L, T', D]`` / ``lengths [B]`` (frames) that
+    :func:`collate_cached_captions` builds and returns ``hidden_states`` = the ``L`` cached layers (float32,
+    padding zeroed) and ``last_hidden_state`` = the last cached layer. Pooled caches (``[B, L, D]``) come back
+    as one frame per utterance. It has no parameters; :attr:`width`, :attr:`frame_rate` and
+    :attr:`num_hidden_states` mirror the tower's, for building heads.
+    """
+
+    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        meta = cache.meta
+        if cache.options.kind != "speech" or "width" not in meta:
+            raise FeatureCacheError(f"{cache.index_path}: not a speech feature cache with extracted items")
+        self.width = int(meta["width"])
+        self.frame_rate = float(meta["frame_rate"])
+        self.layers = list(meta["layers"])
+        self.num_hidden_states = len(self.layers)
+        self.pooled = cache.options.pooled
+        self.dtype = dtype
+
+    def forward(self, wavs: Tensor, lengths: Tensor) -> SpeechEncoderOutput:
+        """Unpack cached features ``[B, L, T', D]`` (or pooled ``[B, L, D]``)."""
+        x = wavs.to(self.dtype)
+        if x.dim() == 3:  # pooled: one "frame" per utterance
+            x = x.unsqueeze(2)
+            lengths = torch.ones_like(lengths)
+        if x.dim() != 4 or x.shape[1] != self.num_hidden_states or x.shape[-1] != self.width:
+            raise ConfigError(
+                f"CachedSpeechEncoder expects cached features [B, {self.num_hidden_states}, T, {self.width}], "
+                f"got {tuple(wavs.shape)} (were raw waveforms passed?)"
+            )
+        # Collated batches are zero-padded already; re-zero anyway for batches built elsewhere, in place on
+        # the converted copy (a separate multiply would cost another full pass over the batch).
+        pad = ~lengths_to_mask(lengths.to(x.device), x.shape[2])[:, None, :, None]  # [B, 1, T', 1]
+        x = x.masked_fill_(pad, 0.0) if x.data_ptr() != wavs.data_ptr() else x.masked_fill(pad, 0.0)
+        states = tuple(x.unbind(dim=1))  # L × [B, T', D]
+        return SpeechEncoderOutput(
+            last_hidden_state=states[-1], lengths=lengths, frame_rate=self.frame_rate, hidden_states=states
+        )
+
+
+class CachedImageEncoder(nn.Module):
+    """Stand-in for a frozen image tower: unpacks the flat cached vectors of :class:`CachedSpokenCaptionDataset`.
+
+    Returns an :class:`ImageEncoderOutput` with the cached ``tokens [B, N, D]`` and ``pooled [B, D']``; for a
+    pooled-only cache, ``tokens`` is the pooled vector as one token.
+    """
+
+    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        meta = cache.meta
+        if cache.options.kind != "image" or "width" not in meta:
+            raise FeatureCacheError(f"{cache.index_path}: not an image feature cache with extracted items")
+        self.width = int(meta["width"])
+        self.tokens_shape = tuple(meta["tokens_shape"]) if "tokens_shape" in meta else None
+        self.dtype = dtype
+
+    def forward(self, pixels: Tensor) -> ImageEncoderOutput:
+        """Split flat cached vectors ``[B, N*D + D']`` into tokens and pooled vector."""
+        x = pixels.to(self.dtype)
+        n_tok = 0 if self.tokens_shape is None else self.tokens_shape[0] * self.tokens_shape[1]
+        if x.dim() != 2 or x.shape[1] != n_tok + self.width:
+            raise ConfigError(
+                f"CachedImageEncoder expects cached vectors [B, {n_tok + self.width}], got {tuple(pixels.shape)}"
+            )
+        pooled = x[:, n_tok:]
+        if self.tokens_shape is None:
+            return ImageEncoderOutput(tokens=pooled.unsqueeze(1), pooled=pooled)
+        return ImageEncoderOutput(tokens=x[:, :n_tok].reshape(-1, *self.tokens_shape), pooled=pooled)
+
