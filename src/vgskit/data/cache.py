@@ -714,9 +714,9 @@ def collate_cached_captions(items: Sequence[dict[str, Any]]) -> dict[str, Tensor
     if not items:
         raise ConfigError("collate_cached_captions: empty batch")
     first = items[0]["wav"]
-    if first.dim() == 1:
-        from vgskit.data.loader import collate_spoken_captions
+    from vgskit.data.loader import batch_dict, collate_spoken_captions
 
+    if first.dim() == 1:
         return collate_spoken_captions(items)
     lengths = torch.tensor([int(it["length"]) for it in items], dtype=torch.long)
     if first.dim() == 2:  # pooled: [L, D]
@@ -726,13 +726,7 @@ def collate_cached_captions(items: Sequence[dict[str, Any]]) -> dict[str, Tensor
         wavs = torch.zeros(len(items), L, int(lengths.max()), D, dtype=first.dtype)
         for row, it in enumerate(items):
             wavs[row, :, : it["length"]] = it["wav"]
-    return {
-        "wavs": wavs,
-        "lengths": lengths,
-        "pixels": torch.stack([it["pixels"] for it in items]),
-        "image_ids": torch.tensor([int(it["image_index"]) for it in items], dtype=torch.long),
-        "caption_ids": torch.tensor([int(it["caption_index"]) for it in items], dtype=torch.long),
-    }
+    return batch_dict(wavs, lengths, items)
 
 
 class CachedSpeechEncoder(nn.Module):

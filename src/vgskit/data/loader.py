@@ -193,6 +193,11 @@ def collate_spoken_captions(
     wavs = torch.zeros(len(items), total, dtype=torch.float32)
     for row, it in enumerate(items):
         wavs[row, : it["length"]] = it["wav"]
+    return batch_dict(wavs, lengths, items)
+
+
+def batch_dict(wavs: Tensor, lengths: Tensor, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
+    """The training batch layout shared by every collate: padded speech inputs + lengths, pixels, ids."""
     return {
         "wavs": wavs,
         "lengths": lengths,
