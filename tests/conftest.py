@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny spoken-scenes corpus generated once per test session."""
+"""Shared fixtures: a tiny spoken-scenes corpus generated once per pytest run."""
 
 from __future__ import annotations
 
