@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import HubertConfig, HubertModel, ViTConfig, ViTModel, Wav2Vec2FeatureExtractor
 
+from _tiny_towers import TINY_SPEECH
 from vgskit.audio import load_audio, save_wav
 from vgskit.data.cache import (
     CachedImageEncoder,
@@ -29,17 +30,7 @@ from vgskit.data.manifest import Record
 from vgskit.encoders.pretrained_image import PretrainedImageConfig, PretrainedImageEncoder
 from vgskit.encoders.pretrained_speech import PretrainedSpeechConfig, PretrainedSpeechEncoder
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(16, 16, 16),
-    conv_stride=(5, 4, 4),  # 80 samples per frame
-    conv_kernel=(10, 4, 4),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=4,
-)
+TINY = TINY_SPEECH
 DURATIONS = (0.3, 0.45, 0.2, 0.5, 0.35)  # seconds; distinct lengths exercise padding inside batches
 
 

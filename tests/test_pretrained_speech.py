@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from _tiny_towers import TINY_SPEECH
 from vgskit.encoders.hub import MissingWeightsError, offline_mode, resolve_tower
 from vgskit.encoders.pretrained_speech import (
     PretrainedSpeechConfig,
@@ -16,17 +17,7 @@ from vgskit.encoders.pretrained_speech import (
     normalize_waveforms,
 )
 
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    intermediate_size=64,
-    conv_dim=(16, 16, 16),
-    conv_stride=(5, 4, 4),  # 80 samples per frame: 200 frames/s at 16 kHz
-    conv_kernel=(10, 4, 4),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=4,
-)
+TINY = TINY_SPEECH
 
 
 def _save(folder: Path, kind: str, do_normalize: bool = False) -> torch.nn.Module:
