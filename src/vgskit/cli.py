@@ -32,11 +32,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_generate(args: argparse.Namespace) -> int:
-    from vgskit.data.synthetic import PRESETS, default_cache_dir, generate_spoken_scenes
+    from vgskit.data.synthetic import PRESETS, generate_spoken_scenes, preset_dir
 
     if args.preset not in PRESETS:
         raise VGSKitError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-    out = Path(args.out) if args.out else default_cache_dir() / f"spoken-scenes-{args.preset}"
+    out = Path(args.out) if args.out else preset_dir(args.preset)
     manifest = generate_spoken_scenes(out, PRESETS[args.preset], workers=args.workers)
     print(manifest)
     return 0

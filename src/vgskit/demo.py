@@ -30,7 +30,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
              workers: int | None = None, overrides: Iterable[str] = (), resume: bool = True,
              progress: bool = True) -> dict[str, Any]:
     """Run the whole demo and return the results written to ``out_dir/results.json``."""
-    from vgskit.data.synthetic import PRESETS, ceiling, default_cache_dir, generate_spoken_scenes
+    from vgskit.data.synthetic import PRESETS, ceiling, generate_spoken_scenes, preset_dir
     from vgskit.experiment import embed_dataset, load_model, make_dataset, train_from_recipe
     from vgskit.metrics import format_recall_table
     from vgskit.report import write_report
@@ -44,7 +44,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
     t_start = time.time()
 
     _say(f"[1/5] spoken-scenes corpus ({preset})", progress)
-    corpus_dir = default_cache_dir() / f"spoken-scenes-{preset}"
+    corpus_dir = preset_dir(preset)
     t0 = time.time()
     manifest = generate_spoken_scenes(corpus_dir, PRESETS[preset], workers=workers, progress=progress)
     corpus_s = time.time() - t0

@@ -122,11 +122,11 @@ def resolve_manifest(cfg: DataConfig, *, progress: bool = True) -> Path:
         if not p.is_file():
             raise ConfigError(f"data.manifest {p}: file not found")
         return p
-    from vgskit.data.synthetic import PRESETS, default_cache_dir, generate_spoken_scenes
+    from vgskit.data.synthetic import PRESETS, generate_spoken_scenes, preset_dir
 
     if cfg.corpus_preset not in PRESETS:
         raise ConfigError(f"data.corpus_preset {cfg.corpus_preset!r}: choose from {sorted(PRESETS)}")
-    out = default_cache_dir() / f"spoken-scenes-{cfg.corpus_preset}"
+    out = preset_dir(cfg.corpus_preset)
     return generate_spoken_scenes(out, PRESETS[cfg.corpus_preset], progress=progress)
 
 

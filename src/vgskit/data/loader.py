@@ -23,9 +23,8 @@ from torch.utils.data import Dataset
 
 from vgskit.data.manifest import Record
 from vgskit.errors import ConfigError
+from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PAD_MULTIPLE = 32 * 160
 
 

@@ -23,13 +23,12 @@ from vgskit.encoders.audio_cnn import AudioCNNConfig, AudioCNNEncoder
 from vgskit.encoders.image_cnn import ImageCNNConfig, ImageCNNEncoder
 from vgskit.errors import ConfigError
 from vgskit.features import LogMelConfig
+from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 from vgskit.layers import AttentionPool1d, lengths_to_mask, masked_mean
 from vgskit.losses import InfoNCELoss, unique_images
 from vgskit.models.base import RetrievalModel
 from vgskit.models.registry import register_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 POOLINGS = ("mean", "attention")
 IMAGE_POOLINGS = ("mean", "max", "flatten")
 
