@@ -2,19 +2,35 @@
 
 * :class:`SpokenCaptionDataset` serves one caption per item (waveform + its image). With ``preload=True``
   every waveform is decoded once into int16 and every image once into uint8 at the target size, because
-  decoding WAV/PNG files on every step costs more than a training step on two CPU cores.
+  decoding WAV/PNG files on every step costs more than a training step on two CPU cores. Long captions are
+  cropped to ``max_seconds``: their first seconds (``crop="head"``) or a random window (``crop="random"``,
+  SpeechCLIP's training crop; see "Random crops" below).
 * :func:`collate_spoken_captions` pads waveforms to a multiple of ``pad_multiple`` samples (default
   ``32 · 160``: 32 frames of 10 ms), so the number of distinct batch shapes stays small while padding stays
   below 0.32 s per batch.
 * :func:`paired_batch_sampler` builds GLOBAL batches of ``batch_size / captions_per_image`` distinct images
   with ``captions_per_image`` of their captions each, deterministically from ``(seed, epoch)``.
+
+Random crops
+------------
+With ``crop="random"`` the window of caption ``i`` in epoch ``e`` starts at an offset drawn from
+``numpy.random.default_rng([seed, e, i, CROP_STREAM])``: a pure function of the training seed, the epoch
+and the caption index. It does not depend on the process (DDP rank), the DataLoader worker that loads the
+item, the number of workers or where in the epoch a run was resumed, so a resumed run and a run on N
+processes see exactly the windows a single uninterrupted process sees, and every epoch sees new windows.
+
+The seed and epoch reach the dataset through :meth:`SpokenCaptionDataset.set_epoch`. The trainer calls its
+``batch_sampler_factory(epoch, seed)`` once per epoch, on every rank, right before it builds that epoch's
+DataLoader; :class:`PairedBatches` forwards that call to its ``on_epoch`` hook (pass the dataset's
+``set_epoch``). Worker processes receive a copy of the dataset when the epoch's loader starts, so they see
+the epoch it was set to (the trainer builds a new loader, with new workers, every epoch).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,6 +42,11 @@ from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_PAD_MULTIPLE = 32 * 160
+CROP_MODES = ("head", "random")
+#: Last entropy word of the random-crop seed, so crop offsets never share a stream with the batch sampler's
+#: ``default_rng([seed, epoch])``.
+CROP_STREAM = 0x63726F70
+CropMode = Literal["head", "random"]
 
 
 def _load_audio(path: str, sample_rate: int) -> np.ndarray:
@@ -57,7 +78,11 @@ class SpokenCaptionDataset(Dataset):
         image_size: side of the square images returned.
         preload: decode everything once into memory (int16 audio, uint8 images).
         sample_rate: audio sample rate.
-        max_seconds: crop longer captions to their first ``max_seconds`` (``None``: keep all).
+        max_seconds: crop longer captions to ``max_seconds`` (``None``: keep all).
+        crop: ``"head"`` keeps the first ``max_seconds``; ``"random"`` a window of ``max_seconds`` at a random
+            offset, drawn anew every epoch from ``(crop_seed, epoch, index)`` (see the module docstring).
+            Captions no longer than ``max_seconds`` are kept whole either way.
+        crop_seed: seed of the random crops until :meth:`set_epoch` sets one.
         mean: per-channel mean for normalising pixels in [0, 1] (ImageNet by default).
         std: per-channel std (ImageNet by default).
         resize_mode: ``"squash"`` (whole image, default) or ``"shorter_side_center_crop"``.
@@ -80,15 +105,24 @@ class SpokenCaptionDataset(Dataset):
         resize_mode: str = "squash",
         interpolation: str = "bilinear",
         progress: bool = True,
+        crop: CropMode = "head",
+        crop_seed: int = 0,
     ):
         if not records:
             raise ConfigError("SpokenCaptionDataset: no records")
         if image_size <= 0:
             raise ConfigError(f"SpokenCaptionDataset: image_size must be positive, got {image_size}")
+        if crop not in CROP_MODES:
+            raise ConfigError(f"SpokenCaptionDataset: crop must be one of {CROP_MODES}, got {crop!r}")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ConfigError(f"SpokenCaptionDataset: max_seconds must be positive or None, got {max_seconds!r}")
         self.records = list(records)
         self.image_size = image_size
         self.sample_rate = sample_rate
         self.max_samples = None if max_seconds is None else int(round(max_seconds * sample_rate))
+        self.crop = crop
+        self.crop_seed = int(crop_seed)
+        self.epoch = 0
         self.resize_mode = resize_mode
         self.interpolation = interpolation
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -109,34 +143,68 @@ class SpokenCaptionDataset(Dataset):
         if preload:
             self.preload(progress)
 
-    def preload(self, progress: bool = True) -> None:
-        """Decode all audio (stored int16) and all images (stored uint8 at ``image_size``) into memory."""
-        audio = []
-        for r in _progress(self.records, len(self.records), "audio", progress):
-            wav = self._crop(_load_audio(r.audio, self.sample_rate))
-            # Same scale both ways (x32768 here, /32768 in waveform()), clipped to the int16 range.
-            audio.append(np.clip(np.round(wav * 32768.0), -32768, 32767).astype(np.int16))
-        s = self.image_size
-        images = np.empty((len(self.image_paths), s, s, 3), dtype=np.uint8)
-        for i, path in enumerate(_progress(self.image_paths, len(self.image_paths), "images", progress)):
-            images[i] = _load_image_uint8(path, s, self.resize_mode, self.interpolation)
-        self._audio, self._images = audio, images
+    def preload(self, progress: bool = True, *, audio: bool = True, images: bool = True) -> None:
+        """Decode all audio (stored int16) and all images (stored uint8 at ``image_size``) into memory.
+
+        ``audio=False`` / ``images=False`` leave that part on disk (e.g. when a feature cache serves it).
+        Random crops keep whole utterances in memory, since every epoch cuts another window.
+        """
+        if audio:
+            stored = []
+            for r in _progress(self.records, len(self.records), "audio", progress):
+                wav = _load_audio(r.audio, self.sample_rate)
+                wav = wav if self.crop == "random" else self._head(wav)
+                # Same scale both ways (x32768 here, /32768 in waveform()), clipped to the int16 range.
+                stored.append(np.clip(np.round(wav * 32768.0), -32768, 32767).astype(np.int16))
+            self._audio = stored
+        if images:
+            s = self.image_size
+            pixels = np.empty((len(self.image_paths), s, s, 3), dtype=np.uint8)
+            for i, path in enumerate(_progress(self.image_paths, len(self.image_paths), "images", progress)):
+                pixels[i] = _load_image_uint8(path, s, self.resize_mode, self.interpolation)
+            self._images = pixels
 
     @property
     def preloaded(self) -> bool:
         """Whether audio and images are held in memory."""
-        return self._audio is not None
+        return self._audio is not None and self._images is not None
 
-    def _crop(self, wav: np.ndarray) -> np.ndarray:
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Select the random crops of ``epoch`` (and the seed they derive from, if given).
+
+        Only random crops depend on it. Pass it as :class:`PairedBatches`'s ``on_epoch`` hook so that the
+        trainer's seed and epoch reach the dataset before each epoch's loader starts.
+        """
+        self.epoch = int(epoch)
+        if seed is not None:
+            self.crop_seed = int(seed)
+
+    def crop_offset(self, index: int, length: int) -> int:
+        """First sample of the window kept of caption ``index`` whose full waveform has ``length`` samples."""
+        if self.crop != "random" or self.max_samples is None or length <= self.max_samples:
+            return 0
+        rng = np.random.default_rng([self.crop_seed, self.epoch, int(index), CROP_STREAM])
+        return int(rng.integers(0, length - self.max_samples + 1))
+
+    def _head(self, wav: np.ndarray) -> np.ndarray:
         return wav if self.max_samples is None else wav[: self.max_samples]
+
+    def _crop(self, wav: Any, index: int) -> Any:
+        if self.max_samples is None:
+            return wav
+        start = self.crop_offset(index, len(wav))
+        return wav[start : start + self.max_samples]
 
     def num_samples(self) -> list[int]:
         """Waveform length (after cropping) of every caption in samples, for length bucketing.
 
         Preloaded: exact. Otherwise read from the file headers (no decoding), resampled to ``sample_rate``.
+        A random crop has the length of a head crop (``min(length, max_samples)``), so bucketing sees the
+        lengths the batches will have.
         """
         if self._audio is not None:
-            return [len(a) for a in self._audio]
+            n = [len(a) for a in self._audio]
+            return n if self.max_samples is None else [min(x, self.max_samples) for x in n]
         from vgskit.audio import audio_duration
 
         n = [int(round(audio_duration(r.audio) * self.sample_rate)) for r in self.records]
@@ -157,10 +225,10 @@ class SpokenCaptionDataset(Dataset):
         return (x - self.mean) / self.std
 
     def waveform(self, index: int) -> Tensor:
-        """The (cropped) float32 waveform ``[T]`` of caption ``index``."""
+        """The (cropped) float32 waveform ``[T]`` of caption ``index`` (random crops: this epoch's window)."""
         if self._audio is not None:
-            return torch.from_numpy(self._audio[index].astype(np.float32) / 32768.0)
-        wav = self._crop(_load_audio(self.records[index].audio, self.sample_rate))
+            return torch.from_numpy(self._crop(self._audio[index], index).astype(np.float32) / 32768.0)
+        wav = self._crop(_load_audio(self.records[index].audio, self.sample_rate), index)
         return torch.from_numpy(np.ascontiguousarray(wav))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -278,7 +346,9 @@ def paired_batch_sampler(
 class PairedBatches:
     """A ``batch_sampler_factory(epoch, seed) -> list[list[int]]`` around :func:`paired_batch_sampler`.
 
-    Also offers ``num_batches(epoch)`` (it depends only on caption counts, not on the seed), so a trainer can
+    ``on_epoch(epoch, seed)``, if given, is called first on every call: the trainer calls the factory once
+    per epoch before building that epoch's loader, which is how a dataset learns the epoch of its random
+    crops (see the module docstring). Also offers ``num_batches(epoch)`` (it depends only on caption counts, not on the seed), so a trainer can
     size its schedule without drawing every epoch.
     """
 
@@ -289,16 +359,20 @@ class PairedBatches:
         captions_per_image: int = 2,
         lengths: Sequence[int] | None = None,
         bucket_batches: int = 50,
+        on_epoch: Callable[[int, int], None] | None = None,
     ):
         self.image_idx = _image_indices(caption_image_idx)
         self.batch_size = batch_size
         self.captions_per_image = captions_per_image
         self.lengths = None if lengths is None else list(lengths)
         self.bucket_batches = bucket_batches
+        self.on_epoch = on_epoch
         # validates the arguments once, up front
         paired_batch_sampler(self.image_idx[:0], batch_size, captions_per_image)
 
     def __call__(self, epoch: int, seed: int) -> list[list[int]]:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, seed)  # e.g. SpokenCaptionDataset.set_epoch: this epoch's random crops
         return paired_batch_sampler(
             self.image_idx, self.batch_size, self.captions_per_image, seed=seed, epoch=epoch,
             lengths=self.lengths, bucket_batches=self.bucket_batches,
@@ -321,9 +395,10 @@ def paired_batch_sampler_factory(
     captions_per_image: int = 2,
     lengths: Sequence[int] | None = None,
     bucket_batches: int = 50,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> PairedBatches:
     """Shorthand for :class:`PairedBatches` (a ``batch_sampler_factory(epoch, seed)`` for the trainer)."""
-    return PairedBatches(caption_image_idx, batch_size, captions_per_image, lengths, bucket_batches)
+    return PairedBatches(caption_image_idx, batch_size, captions_per_image, lengths, bucket_batches, on_epoch)
 
 
 def _image_indices(caption_image_idx: Sequence[int] | Sequence[Record]) -> list[int]:
