@@ -19,20 +19,23 @@ Several processes (same result as one process on the same global batch)::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from vgskit.data.loader import SpokenCaptionDataset, collate_spoken_captions, paired_batch_sampler_factory
-from vgskit.data.manifest import read_manifest
+from vgskit.data.manifest import Record, read_manifest
 from vgskit.errors import ConfigError, VGSKitError
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
+#: Tower kinds a feature cache can serve (keys of ``model.frozen_towers()``).
+TOWER_KINDS = ("speech", "image")
 
 
 @dataclass
@@ -46,13 +49,25 @@ class DataConfig:
         corpus: a corpus name of :data:`vgskit.data.splits.STANDARD_SPLITS` (``flickr8k``, ``places``, ...):
             sets the train/val split names to that corpus's standard ones.
         train_split, val_split, test_split: split names in the manifest (explicit values win over ``corpus``).
-        train_max_seconds: training captions are cropped to their first N seconds (throughput).
+        train_max_seconds: training captions are cropped to N seconds (throughput; SpeechCLIP: 6.4 s, i.e.
+            102,400 samples).
+        train_crop: which N seconds: ``"head"`` (the first ones, the same every epoch) or ``"random"`` (a
+            window at a random offset, new every epoch, reproducible from ``train.seed``; see
+            :mod:`vgskit.data.loader`). Evaluation never crops at random.
         eval_max_seconds: evaluation crop (``None``: whole captions).
         captions_per_image: captions of each image in a training batch (the rest of the batch is other images).
         length_bucketing: sort groups by length within buckets to reduce padding.
         preload: decode all audio and images into memory once (fast epochs; fits the embedded corpus).
         eval_batch_size: batch size for embedding during evaluation.
         val_max_images: evaluate validation on at most this many images (keeps per-epoch evaluation cheap).
+        feature_cache: a folder for frozen-tower features. When set, the model must report frozen towers
+            (``frozen_towers()``); their outputs on the training split are extracted once into this folder
+            (:mod:`vgskit.data.cache`; later runs reuse them) and training reads them instead of running the
+            towers. Validation and checkpoints use the real towers.
+        feature_cache_towers: which frozen towers to cache (``speech``, ``image``); ``None``: all of them.
+            A speech cache stores what the head crop gives, so it cannot be combined with
+            ``train_crop: random``; cache ``[image]`` only in that case.
+        feature_cache_batch_size: files per tower call during extraction.
     """
 
     manifest: str | None = None
@@ -61,8 +76,20 @@ class DataConfig:
     train_split: str | None = None
     val_split: str | None = None
     test_split: str | None = None
+    train_max_seconds: float | None = 8.0
+    train_crop: Literal["head", "random"] = "head"
+    eval_max_seconds: float | None = None
+    captions_per_image: int = 2
+    length_bucketing: bool = True
+    preload: bool = True
+    eval_batch_size: int = 128
+    val_max_images: int | None = None
+    feature_cache: str | None = None
+    feature_cache_towers: list[str] | None = None
+    feature_cache_batch_size: int = 16
 
     def __post_init__(self) -> None:
+        from vgskit.data.loader import CROP_MODES
         from vgskit.data.splits import corpus_splits
 
         std = corpus_splits(self.corpus or "spoken_scenes")
@@ -70,13 +97,17 @@ class DataConfig:
         self.val_split = self.val_split or std.val
         if self.test_split is None and std.test:
             self.test_split = std.test[0]
-    train_max_seconds: float | None = 8.0
-    eval_max_seconds: float | None = None
-    captions_per_image: int = 2
-    length_bucketing: bool = True
-    preload: bool = True
-    eval_batch_size: int = 128
-    val_max_images: int | None = None
+        if self.train_crop not in CROP_MODES:
+            raise ConfigError(f"train_crop: must be one of {', '.join(map(repr, CROP_MODES))}, got {self.train_crop!r}")
+        if self.train_crop == "random" and self.train_max_seconds is None:
+            raise ConfigError("train_crop: 'random' needs train_max_seconds (the window length), got null")
+        if self.feature_cache_towers is not None:
+            bad = sorted(set(self.feature_cache_towers) - set(TOWER_KINDS))
+            if bad or not self.feature_cache_towers:
+                raise ConfigError(f"feature_cache_towers: choose from {list(TOWER_KINDS)} (or null for every "
+                                  f"frozen tower), got {self.feature_cache_towers!r}")
+        if self.feature_cache_batch_size < 1:
+            raise ConfigError(f"feature_cache_batch_size: must be >= 1, got {self.feature_cache_batch_size}")
 
 
 def resolve_recipe(recipe: str | Path) -> Path:
@@ -132,9 +163,16 @@ def resolve_manifest(cfg: DataConfig, *, progress: bool = True) -> Path:
 
 def make_dataset(manifest: str | Path, split: str, image_transform: Mapping[str, Any], *,
                  max_seconds: float | None, preload: bool, max_images: int | None = None,
-                 progress: bool = True) -> SpokenCaptionDataset:
-    """A split of a manifest as a dataset, with images preprocessed the way the model's weights expect."""
-    records = read_manifest(manifest, split=split)
+                 progress: bool = True, crop: str = "head", crop_seed: int = 0,
+                 records: Sequence[Record] | None = None) -> SpokenCaptionDataset:
+    """A split of a manifest as a dataset, with images preprocessed the way the model's weights expect.
+
+    ``records`` (that split's records, already read) saves reading the manifest again. ``crop`` and
+    ``crop_seed`` are :class:`~vgskit.data.loader.SpokenCaptionDataset`'s (random crops are for training).
+    """
+    if records is None:
+        records = read_manifest(manifest, split=split)
+    records = list(records)
     if max_images is not None:
         keep: dict[str, None] = {}
         for r in records:
@@ -146,10 +184,47 @@ def make_dataset(manifest: str | Path, split: str, image_transform: Mapping[str,
         records, image_size=int(image_transform["size"]), preload=preload, max_seconds=max_seconds,
         mean=image_transform["mean"], std=image_transform["std"],
         resize_mode=image_transform.get("resize_mode", "squash"),
-        interpolation=image_transform.get("interpolation", "bilinear"), progress=progress)
+        interpolation=image_transform.get("interpolation", "bilinear"), progress=progress,
+        crop=crop, crop_seed=crop_seed)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
+def embed_speech(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_size: int = 128) -> torch.Tensor:
+    """Embed every caption of ``dataset`` (``[Nc, D]``, dataset order), in length order to keep padding small."""
+    was_training = model.training
+    model.eval()
+    try:
+        lengths = dataset.num_samples()
+        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+        rows: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            wavs = [dataset.waveform(i) for i in idx]
+            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
+            emb = model.encode_speech(batch, torch.tensor([len(w) for w in wavs])).float()
+            for row, i in enumerate(idx):
+                rows[i] = emb[row]
+    finally:
+        model.train(was_training)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def embed_images(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_size: int = 128) -> torch.Tensor:
+    """Embed every distinct image of ``dataset`` (``[Ni, D]``, in :attr:`image_keys` order)."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = []
+        n = len(dataset.image_keys)
+        for start in range(0, n, batch_size):
+            pixels = torch.stack([dataset.pixels(i) for i in range(start, min(start + batch_size, n))])
+            rows.append(model.encode_image(pixels).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows)
+
+
 def embed_dataset(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_size: int = 128
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embed every caption and every distinct image of ``dataset``.
@@ -157,37 +232,69 @@ def embed_dataset(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_s
     Returns ``speech_emb [Nc, D]``, ``image_emb [Ni, D]`` and ``caption_image [Nc]`` (image row of each
     caption). Captions are embedded in length order to keep padding small; rows come back in dataset order.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        lengths = dataset.num_samples()
-        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-        speech_rows: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            wavs = [dataset.waveform(i) for i in idx]
-            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
-            emb = model.encode_speech(batch, torch.tensor([len(w) for w in wavs])).float()
-            for row, i in enumerate(idx):
-                speech_rows[i] = emb[row]
-        image_rows = []
-        for start in range(0, len(dataset.image_keys), batch_size):
-            pixels = torch.stack([dataset.pixels(i) for i in
-                                  range(start, min(start + batch_size, len(dataset.image_keys)))])
-            image_rows.append(model.encode_image(pixels).float())
-    finally:
-        model.train(was_training)
-    caption_image = torch.tensor(dataset.caption_image_index, dtype=torch.long)
-    return torch.stack(speech_rows), torch.cat(image_rows), caption_image
+    speech = embed_speech(model, dataset, batch_size)
+    image = embed_images(model, dataset, batch_size)
+    return speech, image, torch.tensor(dataset.caption_image_index, dtype=torch.long)
 
 
 def evaluate_model(model: torch.nn.Module, dataset: SpokenCaptionDataset, *, batch_size: int = 128,
-                   ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, Any]:
-    """Recall@K both directions (+ mean/median rank) of ``model`` on ``dataset``; see :mod:`vgskit.metrics`."""
+                   ks: tuple[int, ...] = (1, 5, 10), zero_shot_text: bool = False) -> dict[str, Any]:
+    """Recall@K both directions (+ mean/median rank) of ``model`` on ``dataset``; see :mod:`vgskit.metrics`.
+
+    ``zero_shot_text=True`` adds ``results["zero_shot_text"]``: speech <-> caption-text retrieval (see
+    :func:`evaluate_zero_shot_text`), reusing the speech embeddings.
+    """
     from vgskit.retrieval.evaluate import evaluate_retrieval
 
+    if zero_shot_text:
+        _check_zero_shot_text(model, dataset)  # fail before the (long) embedding pass
     speech, image, caption_image = embed_dataset(model, dataset, batch_size)
-    return evaluate_retrieval(speech, image, caption_image, ks=ks)
+    results = evaluate_retrieval(speech, image, caption_image, ks=ks)
+    if zero_shot_text:
+        results["zero_shot_text"] = evaluate_zero_shot_text(model, dataset, batch_size=batch_size, ks=ks,
+                                                            speech_emb=speech)
+    return results
+
+
+def _check_zero_shot_text(model: torch.nn.Module, dataset: SpokenCaptionDataset) -> list[str]:
+    """The caption texts of ``dataset``; errors for a model without a text tower or captions without text."""
+    if not callable(getattr(model, "encode_text", None)):
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise VGSKitError(f"model {name!r} has no text tower (encode_text): zero-shot speech <-> text retrieval "
+                          "needs a model that embeds text in its speech space, such as SpeechCLIP")
+    missing = [r.caption_id for r in dataset.records if not r.text]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise VGSKitError(f"{len(missing)} of {len(dataset.records)} captions have no transcript (text) "
+                          f"({shown}); zero-shot speech <-> text retrieval ranks the caption texts")
+    return [str(r.text) for r in dataset.records]
+
+
+@torch.no_grad()
+def evaluate_zero_shot_text(model: torch.nn.Module, dataset: SpokenCaptionDataset, *, batch_size: int = 128,
+                            ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024,
+                            speech_emb: torch.Tensor | None = None) -> dict[str, Any]:
+    """Zero-shot speech <-> text retrieval of ``dataset``'s captions, scored as the SpeechCLIP paper does.
+
+    Speech queries rank the caption texts (embedded with ``model.encode_text``) and hit when a retrieved
+    text is a caption of the same image; text queries rank the spoken captions the same way (see
+    :func:`vgskit.metrics.speech_text_retrieval`). No speech-text pair was seen in training: the two meet
+    only through the image space. ``speech_emb`` reuses embeddings from :func:`embed_speech`.
+    """
+    from vgskit.metrics import speech_text_retrieval
+
+    texts = _check_zero_shot_text(model, dataset)
+    if speech_emb is None:
+        speech_emb = embed_speech(model, dataset, batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        text_emb = torch.cat([model.encode_text(texts[i:i + batch_size]).float()
+                              for i in range(0, len(texts), batch_size)])
+    finally:
+        model.train(was_training)
+    labels = torch.tensor(dataset.caption_image_index, dtype=torch.long)
+    return speech_text_retrieval(speech_emb.cpu(), text_emb.cpu(), labels, labels, ks=ks, chunk_size=chunk_size)
 
 
 def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -208,10 +315,17 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
 
     ``manifest`` and ``corpus`` (standard split names, see :mod:`vgskit.data.splits`) override the recipe's
     ``data.manifest`` and ``data.corpus``.
+
+    Before the model is built, its class's ``adapt_config_to_corpus(config, train_texts)`` (if it has one)
+    gets the full model config as a dict and the transcripts of the training split, and returns the config
+    to build (SpeechCLIP fills its reduced keyword vocabulary this way); that adapted config is the one
+    saved with every checkpoint. With ``data.feature_cache`` the model's frozen towers run once over the
+    training split and training reads their cached outputs (see :func:`prepare_feature_caches`); the
+    summary then has a ``feature_cache`` entry (folder and number of files extracted per tower).
     """
     from vgskit.models.registry import create_model
     from vgskit.train.config import TrainConfig, config_from_dict
-    from vgskit.train.distributed import is_main
+    from vgskit.train.distributed import barrier, init_distributed, is_main
     from vgskit.train.loop import Trainer
 
     exp = load_experiment(recipe, overrides)
@@ -225,29 +339,59 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     train_d["out_dir"] = str(out_dir)
     train_d.setdefault("select_metric", "val/mean_R@10")
     train_cfg = config_from_dict(TrainConfig, train_d, prefix="train")
-
     model_d = dict(exp["model"])
     model_name = model_d.pop("name")
-    # Same seed on every process: identical initial weights, and the same run twice starts identically.
-    torch.manual_seed(train_cfg.seed)
-    model = create_model(model_name, **model_d)
-    transform = model.image_transform
 
     # Only the main process may generate the corpus; the others wait for it (a file lock would also do).
-    from vgskit.train.distributed import barrier, init_distributed
-
-    init_distributed()
+    dist_info = init_distributed()
     if is_main():
         manifest_path = resolve_manifest(data_cfg, progress=progress)
     barrier()
     if not is_main():
         manifest_path = resolve_manifest(data_cfg, progress=False)
+    train_records = read_manifest(manifest_path, split=data_cfg.train_split)
 
-    train_set = make_dataset(manifest_path, data_cfg.train_split, transform, max_seconds=data_cfg.train_max_seconds,
-                             preload=data_cfg.preload, progress=progress and is_main())
-    sampler = paired_batch_sampler_factory(
-        train_set.caption_image_index, train_cfg.batch_size, data_cfg.captions_per_image,
-        lengths=train_set.num_samples() if data_cfg.length_bucketing else None)  # headers if not preloaded
+    model_d = adapt_model_config(model_name, model_d, train_records, source=f"{manifest_path} "
+                                 f"(split {data_cfg.train_split!r})")
+    # Same seed on every process: identical initial weights, and the same run twice starts identically.
+    torch.manual_seed(train_cfg.seed)
+    model = create_model(model_name, **model_d)
+    transform = model.image_transform
+
+    caches: dict[str, Any] = {}
+    cache_summary: dict[str, Any] = {}
+    if data_cfg.feature_cache is not None:
+        device = f"cuda:{dist_info.local_rank}" if torch.cuda.is_available() else "cpu"
+        if is_main():
+            caches, cache_summary = prepare_feature_caches(model, data_cfg, train_records, device=device,
+                                                           progress=progress)
+        barrier()
+        if not is_main():  # the main process extracted; the others open what it wrote
+            caches, cache_summary = prepare_feature_caches(model, data_cfg, train_records, extract_missing=False)
+
+    base_set = make_dataset(manifest_path, data_cfg.train_split, transform, records=train_records,
+                            max_seconds=data_cfg.train_max_seconds, preload=False, crop=data_cfg.train_crop,
+                            crop_seed=train_cfg.seed, progress=progress and is_main())
+    if data_cfg.preload:  # what a cache serves is not decoded
+        base_set.preload(progress and is_main(), audio="speech" not in caches, images="image" not in caches)
+    train_set: Any = base_set
+    collate: Any = collate_spoken_captions
+    lengths = None
+    swap = None
+    if caches:
+        from vgskit.data.cache import CachedSpokenCaptionDataset, CachedTowers, collate_cached_captions
+
+        train_set = CachedSpokenCaptionDataset(base_set, caches.get("speech"), caches.get("image"))
+        collate = collate_cached_captions
+        if data_cfg.length_bucketing and "speech" in caches:
+            lengths = train_set.num_frames()  # from the cache index: no audio headers read
+        swap = CachedTowers(model, caches)
+    if data_cfg.length_bucketing and lengths is None:
+        lengths = base_set.num_samples()  # cropped lengths; file headers if not preloaded
+    # The sampler tells the dataset each epoch (and the seed) before that epoch's loader starts: random crops.
+    sampler = paired_batch_sampler_factory(train_set.caption_image_index, train_cfg.batch_size,
+                                           data_cfg.captions_per_image, lengths=lengths,
+                                           on_epoch=train_set.set_epoch)
 
     # Every rank passes the same evaluate_fn (the Trainer runs it on the main rank only and broadcasts the
     # result); the validation set is therefore built lazily, on first use, by the main rank alone.
@@ -258,19 +402,133 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
             val_sets.append(make_dataset(manifest_path, data_cfg.val_split, transform,
                                          max_seconds=data_cfg.eval_max_seconds, preload=data_cfg.preload,
                                          max_images=data_cfg.val_max_images, progress=False))
-        return flatten_metrics(evaluate_model(m, val_sets[0], batch_size=data_cfg.eval_batch_size), "val/")
+        # Validation runs the real frozen towers on raw inputs: its numbers are those of the saved model.
+        with swap.real_towers() if swap is not None else contextlib.nullcontext():
+            return flatten_metrics(evaluate_model(m, val_sets[0], batch_size=data_cfg.eval_batch_size), "val/")
 
-    trainer = Trainer(model, train_cfg, train_set, collate_spoken_captions, batch_sampler_factory=sampler,
-                      evaluate_fn=evaluate_fn, model_name=model_name,
-                      model_config=model.config,
-                      extra_config={"data": asdict(data_cfg), "manifest": str(manifest_path),
-                                    "image_transform": transform},
-                      progress_bar=progress)
-    t0 = time.time()
-    summary = trainer.fit(resume=resume)
+    if swap is not None:
+        # The readers save and load as the towers they replace, so every checkpoint holds the real model.
+        swap.use_cache()
+    try:
+        trainer = Trainer(model, train_cfg, train_set, collate, batch_sampler_factory=sampler,
+                          evaluate_fn=evaluate_fn, model_name=model_name,
+                          model_config=model.config,
+                          extra_config={"data": asdict(data_cfg), "manifest": str(manifest_path),
+                                        "image_transform": transform},
+                          progress_bar=progress)
+        t0 = time.time()
+        summary = trainer.fit(resume=resume)
+    finally:
+        if swap is not None:
+            swap.use_real()
     summary["train_wall_s"] = time.time() - t0
     summary["manifest"] = str(manifest_path)
+    if cache_summary:
+        summary["feature_cache"] = cache_summary
     return summary
+
+
+def _registered(model_name: str) -> tuple[type, Any]:
+    """The class and the preset config registered as ``model_name``, without building the model."""
+    from vgskit.models import registry
+
+    registry._import_builtin_models()
+    if model_name not in registry._MODELS:
+        raise ConfigError(f"unknown model {model_name!r}; available models are {registry.list_models()}")
+    return registry._MODELS[model_name]
+
+
+def adapt_model_config(model_name: str, overrides: Mapping[str, Any], records: Sequence[Record], *,
+                       source: str = "the training split") -> dict[str, Any]:
+    """Let the model class adapt its config to the training corpus; returns the overrides to build it with.
+
+    ``cls.adapt_config_to_corpus(config, train_texts) -> config`` receives the full config (the preset
+    merged with ``overrides``, as a plain dict) and the non-empty transcripts of ``records``, and returns
+    the config to build. The fields it changes are added to ``overrides``, so an identity hook changes
+    nothing. A hook that needs transcripts the corpus lacks should raise; the error is re-raised as a
+    :class:`ConfigError` naming ``source`` (the manifest and split).
+    """
+    from vgskit.models.registry import merge_config
+
+    cls, preset = _registered(model_name)
+    hook = getattr(cls, "adapt_config_to_corpus", None)
+    if hook is None:
+        return dict(overrides)
+    base = copy.deepcopy(preset) if preset is not None else cls.config_class()
+    full = asdict(merge_config(base, overrides, where=model_name))
+    texts = [r.text for r in records if r.text]
+    try:
+        adapted = hook(copy.deepcopy(full), texts)
+    except (VGSKitError, ValueError) as err:
+        raise ConfigError(f"{source}: model {model_name!r} cannot adapt its config to the training captions "
+                          f"({len(texts)} of {len(records)} have a transcript): {err}") from err
+    if not isinstance(adapted, Mapping):
+        raise ConfigError(f"model {model_name!r}: adapt_config_to_corpus returned {type(adapted).__name__}, "
+                          "not a config mapping")
+    out = dict(overrides)
+    out.update({k: v for k, v in adapted.items() if k not in full or full[k] != v})
+    return out
+
+
+def prepare_feature_caches(model: torch.nn.Module, data_cfg: DataConfig, records: Sequence[Record], *,
+                           extract_missing: bool = True, device: str | torch.device | None = None,
+                           progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Open (and fill) the feature caches of ``model``'s frozen towers for the training ``records``.
+
+    Returns ``({kind: FeatureCache}, {kind: {"folder", "extracted", "items"}})``. Speech features are those
+    of the head crop of ``data_cfg.train_max_seconds``: a random crop changes the tower's input every
+    epoch, so ``train_crop: random`` with a speech cache is refused (cache the image tower only). Images go
+    through the model's own ``image_transform``. Extraction runs the tower on ``device`` (it stays there,
+    ready for validation) with a progress bar; files already cached are skipped, so a second run extracts
+    nothing. Under ``torchrun`` only the main process extracts (the others wait at a barrier, which times
+    out after 30 minutes: extract a large corpus in one process first, e.g. with ``--set
+    train.max_steps=1``).
+    """
+    from vgskit.data.cache import ExtractionOptions, FeatureCache, extract
+    from vgskit.images import ImageTransform
+
+    name = getattr(model, "model_name", None) or type(model).__name__
+    frozen_towers = getattr(model, "frozen_towers", None)
+    towers = dict(frozen_towers()) if callable(frozen_towers) else {}
+    if not towers:
+        raise ConfigError(f"data.feature_cache: model {name!r} has no frozen towers (frozen_towers() is empty), "
+                          "so there is nothing to cache; remove data.feature_cache")
+    kinds = list(data_cfg.feature_cache_towers or sorted(k for k in towers if k in TOWER_KINDS))
+    missing = [k for k in kinds if k not in towers]
+    if missing or not kinds:
+        raise ConfigError(f"data.feature_cache_towers: model {name!r} has no frozen {missing or TOWER_KINDS} "
+                          f"tower; its frozen towers are {sorted(towers)}")
+    if "speech" in kinds and data_cfg.train_crop == "random":
+        raise ConfigError("data.train_crop: 'random' cannot be combined with a speech feature cache (a cache holds "
+                          "one fixed crop per file, a random crop changes the tower's input every epoch); set "
+                          "data.train_crop=head, or data.feature_cache_towers=[image] to cache the image tower only")
+    if not callable(getattr(model, "set_tower", None)):
+        raise ConfigError(f"data.feature_cache: model {name!r} has no set_tower(kind, module) to swap its towers")
+    root = Path(str(data_cfg.feature_cache))
+    caches: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for kind in kinds:
+        tower = towers[kind]
+        trainable = [n for n, prm in tower.named_parameters() if prm.requires_grad]
+        if trainable:
+            raise ConfigError(f"data.feature_cache: the {kind} tower of model {name!r} has trainable parameters "
+                              f"({', '.join(trainable[:3])}{', ...' if len(trainable) > 3 else ''}); a cache "
+                              "would silently freeze them")
+        if kind == "speech":
+            options = ExtractionOptions(kind="speech", max_seconds=data_cfg.train_max_seconds)
+        else:
+            options = ExtractionOptions(kind="image",
+                                        image_transform=ImageTransform.from_json(dict(model.image_transform)))
+        cache = FeatureCache.for_tower(root, tower, options)
+        extracted = 0
+        if extract_missing:
+            if device is not None:
+                tower.to(device)
+            extracted = extract(cache, tower, records, batch_size=data_cfg.feature_cache_batch_size,
+                                progress=progress, check_key=False)
+        caches[kind] = cache
+        summary[kind] = {"folder": str(cache.folder), "extracted": extracted, "items": len(cache)}
+    return caches, summary
 
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:

@@ -20,6 +20,11 @@ rule is available as ``ties="optimistic"``. Neither rule depends on the gallery 
 deterministic. (The reference implementations use ``topk``/``argsort``, whose order among equal scores is
 unspecified; on tie-free scores all three rules agree.)
 
+Zero-shot **speech <-> text** (:func:`speech_text_retrieval`, SpeechCLIP): spoken captions query the
+gallery of caption *texts* (``speech_to_text``) and texts query the spoken captions (``text_to_speech``); a
+retrieved item is a hit when it is a caption of the query's image. Both sides carry image ids, so the two
+sides may hold different captions and different numbers of captions per image.
+
 Memory: similarities are computed one block of ``chunk_size`` queries at a time, so the full
 ``N_captions x N_images`` matrix is never held; peak extra memory is O(chunk_size x gallery size).
 Unlike the reference code (which calls ``topk(100)``) nothing here needs a minimum number of items.
@@ -34,6 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "DIRECTION_LABELS",
     "ScoreBlock",
     "Ties",
     "combine_directions",
@@ -50,6 +56,8 @@ __all__ = [
     "ranks_given_positives",
     "recall_at_k",
     "retrieval_metrics",
+    "shared_labels",
+    "speech_text_retrieval",
     "validate_caption_image",
 ]
 
@@ -390,14 +398,108 @@ def recall_at_k(
     return retrieval_metrics(s2i, i2s, caption_image, len(image_emb), ks=ks, chunk_size=chunk_size, ties=ties)
 
 
+def shared_labels(*id_lists: Sequence[Hashable] | Tensor) -> list[Tensor]:
+    """Image ids of several item lists → int64 labels that agree across the lists.
+
+    Integer tensors are taken as labels already (e.g. image indices of one dataset); any other sequence of
+    hashable ids is mapped through one shared table, in first-seen order.
+    """
+    if all(isinstance(ids, Tensor) for ids in id_lists):
+        out = []
+        for ids in id_lists:
+            if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise ValueError(f"image labels must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+            out.append(ids.long().cpu())
+        return out
+    position: dict[Hashable, int] = {}
+    return [
+        torch.tensor([position.setdefault(_hashable(i), len(position)) for i in ids], dtype=torch.long)
+        for ids in id_lists
+    ]
+
+
+def _hashable(value: Any) -> Hashable:
+    return value.item() if isinstance(value, Tensor) else value
+
+
+@torch.no_grad()
+def speech_text_retrieval(
+    speech_emb: Tensor,
+    text_emb: Tensor,
+    speech_images: Sequence[Hashable] | Tensor,
+    text_images: Sequence[Hashable] | Tensor,
+    *,
+    ks: Sequence[int] = _DEFAULT_KS,
+    chunk_size: int = 1024,
+    ties: Ties = "pessimistic",
+) -> dict[str, Any]:
+    """Zero-shot speech <-> text retrieval as SpeechCLIP scores it, by dot products in bounded-memory chunks.
+
+    ``speech_to_text``: each spoken caption ranks every caption text and hits at K when a text of *its
+    image* is among the top K (the best rank over that image's texts). ``text_to_speech``: each text ranks
+    every spoken caption the same way. Relevance comes from image ids, not from caption pairing, because a
+    caption of the same image is a correct answer too (the SpeechCLIP paper's convention). A query whose
+    image has nothing on the other side is left out of that direction (``n_queries`` counts the rest). Ties
+    follow the module's rule.
+
+    Args:
+        speech_emb: ``[Ns, D]`` spoken-caption embeddings (L2-normalised for cosine similarity).
+        text_emb: ``[Nt, D]`` caption-text embeddings in the same space.
+        speech_images: image id of every spoken caption (hashable ids, or int64 labels as a tensor).
+        text_images: image id of every text (the same kind of ids as ``speech_images``).
+        ks: recall cut-offs.
+        chunk_size: queries per similarity block.
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        ``{"speech_to_text": {...}, "text_to_speech": {...}, "mean_R@K": ...}``; each direction holds
+        ``"R@K"`` (percent), ``"mean_rank"``, ``"median_rank"`` and ``"n_queries"``.
+    """
+    ks = _check_ks(ks)
+    _check_embeddings(speech_emb, text_emb)
+    if len(speech_images) != len(speech_emb) or len(text_images) != len(text_emb):
+        raise ValueError(f"{len(speech_images)} image ids for {len(speech_emb)} spoken captions and "
+                         f"{len(text_images)} for {len(text_emb)} texts")
+    speech_labels, text_labels = shared_labels(speech_images, text_images)
+
+    def speech_block(rows: slice) -> Tensor:
+        return speech_emb[rows] @ text_emb.T
+
+    def text_block(rows: slice) -> Tensor:
+        return text_emb[rows] @ speech_emb.T
+
+    s2t = first_hit_ranks(speech_block, speech_labels, text_labels, chunk_size=chunk_size, ties=ties)
+    t2s = first_hit_ranks(text_block, text_labels, speech_labels, chunk_size=chunk_size, ties=ties)
+    s2t, t2s = s2t[s2t > 0], t2s[t2s > 0]  # queries whose image has nothing on the other side
+    if s2t.numel() == 0 or t2s.numel() == 0:
+        raise ValueError("no spoken caption and text share an image id: nothing to retrieve")
+    return _combine("speech_to_text", metrics_from_ranks(s2t, ks), "text_to_speech", metrics_from_ranks(t2s, ks), ks)
+
+
+def _combine(name_a: str, a: dict[str, Any], name_b: str, b: dict[str, Any], ks: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {name_a: a, name_b: b}
+    for k in ks:
+        out[f"mean_R@{k}"] = (a[f"R@{k}"] + b[f"R@{k}"]) / 2
+    return out
+
+
+#: Direction keys and their table labels, in the order tables list them.
+DIRECTION_LABELS = {
+    "speech_to_image": "speech to image",
+    "image_to_speech": "image to speech",
+    "speech_to_text": "speech to text",
+    "text_to_speech": "text to speech",
+}
+
+
 def format_recall_table(results: Mapping[str, Any], ceiling: Mapping[str, Any] | None = None,
                         ks: Sequence[int] = (1, 5, 10)) -> str:
     """A plain-text table of R@K per direction (percent), with the ceiling row under each when given."""
     lines = [f"{'direction':<18}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
-    for key in ("speech_to_image", "image_to_speech"):
+    for key, label in DIRECTION_LABELS.items():
         if key not in results:
             continue
-        lines.append(f"{key.replace('_', ' '):<18}" + "".join(f"{results[key][f'R@{k}']:>8.1f}" for k in ks))
+        lines.append(f"{label:<18}" + "".join(f"{results[key][f'R@{k}']:>8.1f}" for k in ks))
         if ceiling is not None and key in ceiling:
             lines.append(f"{'  (ceiling)':<18}" + "".join(f"{ceiling[key][f'R@{k}']:>8.1f}" for k in ks))
     return "\n".join(lines)

@@ -41,6 +41,7 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,7 @@ from torch.utils.data import Dataset
 from vgskit.data.manifest import Record
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.fileio import fsync_dir, write_text_atomic
+from vgskit.images import ImageTransform
 from vgskit.layers import ImageEncoderOutput, SpeechEncoderOutput, lengths_to_mask
 
 CACHE_FORMAT = 1
@@ -80,12 +82,17 @@ class ExtractionOptions:
             (``[L, T, D]``); image: store only the pooled vector, not the patch tokens.
         max_seconds: speech only: crop utterances to their first ``max_seconds`` before the tower (as
             :class:`~vgskit.data.loader.SpokenCaptionDataset` does), ``None``: whole files.
+        image_transform: image only: the preprocessing that makes the tower's pixels (``None``: the tower's
+            own ``transform``, else the :class:`~vgskit.images.ImageTransform` defaults). Training from a
+            cache passes the model's ``image_transform`` here, so cached features come from exactly the
+            pixels the live model would see.
     """
 
     kind: Kind = "speech"
     layers: tuple[int, ...] | None = None
     pooled: bool = False
     max_seconds: float | None = None
+    image_transform: ImageTransform | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("speech", "image"):
@@ -98,11 +105,21 @@ class ExtractionOptions:
                 raise ConfigError("ExtractionOptions.layers applies to speech towers only")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise ConfigError(f"ExtractionOptions.max_seconds must be positive or None, got {self.max_seconds!r}")
+        if self.image_transform is not None:
+            if self.kind != "image":
+                raise ConfigError("ExtractionOptions.image_transform applies to image towers only")
+            if isinstance(self.image_transform, dict):
+                object.__setattr__(self, "image_transform", ImageTransform.from_json(dict(self.image_transform)))
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (``layers`` as a list)."""
+        """JSON-ready dict (``layers`` as a list; ``image_transform`` only when set, so that caches keyed
+        before the field existed keep their keys)."""
         d = dataclasses.asdict(self)
         d["layers"] = None if self.layers is None else list(self.layers)
+        if self.image_transform is None:
+            del d["image_transform"]
+        else:
+            d["image_transform"] = self.image_transform.to_json()
         return d
 
     @classmethod
@@ -114,6 +131,7 @@ class ExtractionOptions:
             layers=None if layers is None else tuple(layers),
             pooled=bool(data.get("pooled", False)),
             max_seconds=data.get("max_seconds"),
+            image_transform=data.get("image_transform"),
         )
 
 
@@ -524,9 +542,11 @@ def _speech_batch(
 def _image_batch(
     cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device
 ) -> list[dict[str, np.ndarray]]:
-    from vgskit.images import ImageTransform, load_image
+    from vgskit.images import load_image
 
-    transform: ImageTransform = getattr(tower, "transform", None) or ImageTransform()
+    transform: ImageTransform = (
+        cache.options.image_transform or getattr(tower, "transform", None) or ImageTransform()
+    )
     pixels = torch.stack([transform(load_image(p)) for p in paths]).to(device)  # [B, 3, S, S]
     out: ImageEncoderOutput = tower(pixels)
     pooled = out.pooled.float().cpu()  # [B, D']
@@ -665,6 +685,12 @@ class CachedSpokenCaptionDataset(Dataset):
             opts = speech_cache.options
             if opts.kind != "speech":
                 raise ConfigError(f"speech_cache {speech_cache.folder} holds {opts.kind} features")
+            if getattr(base, "crop", "head") != "head":
+                raise ConfigError(
+                    f"speech cache {speech_cache.folder}: the dataset crops a random window every epoch, which "
+                    "a cache of the tower's outputs cannot reproduce (the tower sees the whole window); "
+                    "use crop='head' or the live speech tower"
+                )
             want = None if opts.max_seconds is None else int(round(opts.max_seconds * base.sample_rate))
             if want != base.max_samples:
                 raise ConfigError(
@@ -679,6 +705,12 @@ class CachedSpokenCaptionDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """Forwarded to the base dataset (its random crops, when speech is read live)."""
+        set_epoch = getattr(self.base, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch, seed)
 
     def num_frames(self) -> list[int]:
         """Cached frames per caption (for length bucketing; 1 for pooled features)."""
@@ -729,18 +761,77 @@ def collate_cached_captions(items: Sequence[dict[str, Any]]) -> dict[str, Tensor
     return batch_dict(wavs, lengths, items)
 
 
-class CachedSpeechEncoder(nn.Module):
+class _StandIn(nn.Module):
+    """Base of the cache readers: optionally saves and loads as the frozen tower it replaces.
+
+    Given ``tower``, the reader keeps a reference to it (not registered as a submodule: it is not part of
+    the forward pass, and training code that moves or wraps the model should not see it) and
+
+    * its ``state_dict`` is the tower's, under the reader's own prefix, so a model whose tower was swapped
+      for a reader still saves exactly the state dict of the model with the real tower (a checkpoint
+      written while training from a cache loads with ``load_pretrained`` into the real model);
+    * ``load_state_dict`` hands those entries to the tower (resuming from such a checkpoint), and
+    * attributes the reader lacks are looked up on the tower (``preprocessing``, ``hf_config``, ...), for
+      model code that reads its tower's settings.
+    """
+
+    def _stand_in_for(self, tower: nn.Module | None) -> None:
+        self._tower_ref: tuple[nn.Module, ...] = () if tower is None else (tower,)
+        if tower is None:
+            return
+        post = getattr(self, "register_state_dict_post_hook", None)  # public since torch 2.5
+        (post or self._register_state_dict_hook)(_StandIn._add_tower_state)
+        self.register_load_state_dict_pre_hook(_StandIn._take_tower_state)
+
+    @property
+    def tower(self) -> nn.Module | None:
+        """The frozen tower this reader stands in for (``None`` if not given)."""
+        return self._tower_ref[0] if self._tower_ref else None
+
+    @staticmethod
+    def _add_tower_state(module: _StandIn, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        tower = module.tower
+        if tower is not None:
+            for name, value in tower.state_dict().items():
+                state_dict[prefix + name] = value
+
+    @staticmethod
+    def _take_tower_state(
+        module: _StandIn, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        tower = module.tower
+        if tower is None:
+            return
+        own = {k[len(prefix):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix)}
+        result = tower.load_state_dict(own, strict=False)
+        missing_keys.extend(prefix + k for k in result.missing_keys)
+        unexpected_keys.extend(prefix + k for k in result.unexpected_keys)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            refs = self.__dict__.get("_tower_ref", ())
+            if refs and not name.startswith("_"):
+                return getattr(refs[0], name)
+            raise
+
+
+class CachedSpeechEncoder(_StandIn):
     """Stand-in for a frozen speech tower: turns cached features back into a :class:`SpeechEncoderOutput`.
 
     ``forward(wavs, lengths)`` takes the ``wavs [B, L, T', D]`` / ``lengths [B]`` (frames) that
     :func:`collate_cached_captions` builds and returns ``hidden_states`` = the ``L`` cached layers (float32,
     padding zeroed) and ``last_hidden_state`` = the last cached layer. Pooled caches (``[B, L, D]``) come back
     as one frame per utterance. It has no parameters; :attr:`width`, :attr:`frame_rate` and
-    :attr:`num_hidden_states` mirror the tower's, for building heads.
+    :attr:`num_hidden_states` mirror the tower's, for building heads. With ``tower`` (the frozen tower it
+    replaces) it saves and loads as that tower (see :class:`_StandIn`).
     """
 
-    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32):
+    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32, tower: nn.Module | None = None):
         super().__init__()
+        self._stand_in_for(tower)
         meta = cache.meta
         if cache.options.kind != "speech" or "width" not in meta:
             raise FeatureCacheError(f"{cache.index_path}: not a speech feature cache with extracted items")
@@ -772,15 +863,17 @@ class CachedSpeechEncoder(nn.Module):
         )
 
 
-class CachedImageEncoder(nn.Module):
+class CachedImageEncoder(_StandIn):
     """Stand-in for a frozen image tower: unpacks the flat cached vectors of :class:`CachedSpokenCaptionDataset`.
 
     Returns an :class:`ImageEncoderOutput` with the cached ``tokens [B, N, D]`` and ``pooled [B, D']``; for a
-    pooled-only cache, ``tokens`` is the pooled vector as one token.
+    pooled-only cache, ``tokens`` is the pooled vector as one token. With ``tower`` it saves and loads as
+    that tower (see :class:`_StandIn`).
     """
 
-    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32):
+    def __init__(self, cache: FeatureCache, dtype: torch.dtype = torch.float32, tower: nn.Module | None = None):
         super().__init__()
+        self._stand_in_for(tower)
         meta = cache.meta
         if cache.options.kind != "image" or "width" not in meta:
             raise FeatureCacheError(f"{cache.index_path}: not an image feature cache with extracted items")
@@ -801,3 +894,58 @@ class CachedImageEncoder(nn.Module):
             return ImageEncoderOutput(tokens=pooled.unsqueeze(1), pooled=pooled)
         return ImageEncoderOutput(tokens=x[:, :n_tok].reshape(-1, *self.tokens_shape), pooled=pooled)
 
+
+
+class CachedTowers:
+    """Swaps a model's frozen towers for cache readers, and back.
+
+    ``model`` follows the frozen-tower contract of :class:`~vgskit.models.base.RetrievalModel`:
+    ``frozen_towers() -> {kind: tower}`` and ``set_tower(kind, module)``. ``caches`` maps the kinds to
+    serve from a cache (``"speech"``, ``"image"``) to their :class:`FeatureCache`.
+
+    While the readers are in place the model's state dict is still that of the real model (the readers
+    save and load as their towers), so checkpoints written during training load into the real model; the
+    real towers are kept aside for :meth:`real_towers`, under which validation runs on raw inputs.
+    """
+
+    def __init__(self, model: nn.Module, caches: dict[str, FeatureCache]):
+        frozen_towers = getattr(model, "frozen_towers", None)
+        towers = dict(frozen_towers()) if callable(frozen_towers) else {}
+        if not callable(getattr(model, "set_tower", None)):
+            raise ConfigError(f"{type(model).__name__} has no set_tower(kind, module); its towers cannot be swapped")
+        missing = sorted(set(caches) - set(towers))
+        if missing:
+            raise ConfigError(f"{type(model).__name__} has no frozen {', '.join(missing)} tower to serve from a cache")
+        self.model = model
+        self.real: dict[str, nn.Module] = {kind: towers[kind] for kind in caches}
+        self.readers: dict[str, nn.Module] = {}
+        for kind, cache in caches.items():
+            reader_cls = CachedSpeechEncoder if kind == "speech" else CachedImageEncoder
+            if kind not in ("speech", "image"):
+                raise ConfigError(f"unknown tower kind {kind!r}; feature caches serve 'speech' and 'image' towers")
+            self.readers[kind] = reader_cls(cache, tower=self.real[kind])
+        self.active = False
+
+    def use_cache(self) -> None:
+        """Put the cache readers in place of the real towers."""
+        for kind, reader in self.readers.items():
+            self.model.set_tower(kind, reader)
+        self.active = True
+
+    def use_real(self) -> None:
+        """Put the real towers back (on the device of the model's parameters)."""
+        device = next((p.device for p in self.model.parameters()), None)
+        for kind, tower in self.real.items():
+            self.model.set_tower(kind, tower if device is None else tower.to(device))
+        self.active = False
+
+    @contextmanager
+    def real_towers(self) -> Iterator[nn.Module]:
+        """Run a block (validation) with the real towers, then restore whichever towers were in place."""
+        was_active = self.active
+        self.use_real()
+        try:
+            yield self.model
+        finally:
+            if was_active:
+                self.use_cache()
