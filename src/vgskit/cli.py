@@ -7,8 +7,11 @@
     vgskit train --recipe demo --out runs/x [--manifest M --corpus flickr8k] [--resume] [--set train.lr=3e-4]
     torchrun --nproc_per_node=2 -m vgskit.cli train --recipe demo --out runs/x   # multi-process
     vgskit eval --checkpoint runs/x --manifest M [--split test | --corpus places]   # runs/x: best checkpoint
+    vgskit eval --checkpoint runs/x --manifest M --zero-shot-text   # + speech <-> caption text (SpeechCLIP)
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
+    vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
+    vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # cascaded SpeechCLIP keywords
 
 Imports of torch and friends happen inside the commands so that ``vgskit --help`` is instant.
 """
@@ -94,18 +97,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from vgskit.experiment import evaluate_checkpoint, evaluate_corpus
+def _recall_tables(results: dict) -> str:
     from vgskit.metrics import format_recall_table
 
+    text = format_recall_table(results)
+    zero_shot = results.get("zero_shot_text")
+    if zero_shot is not None:
+        n_texts = zero_shot["text_to_speech"]["n_queries"]
+        text += (f"\n\nzero-shot speech <-> text (gallery: {n_texts} caption texts; a hit is a caption of the "
+                 f"same image)\n{format_recall_table(zero_shot)}")
+    return text
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vgskit.experiment import evaluate_checkpoint, evaluate_corpus
+
     if args.corpus is not None and args.split is None:
-        results = evaluate_corpus(args.checkpoint, args.manifest, args.corpus, batch_size=args.batch_size)
+        results = evaluate_corpus(args.checkpoint, args.manifest, args.corpus, batch_size=args.batch_size,
+                                  zero_shot_text=args.zero_shot_text)
         for split, split_results in results.items():
-            print(f"[{split}]\n{format_recall_table(split_results)}")
+            print(f"[{split}]\n{_recall_tables(split_results)}")
     else:
         results = evaluate_checkpoint(args.checkpoint, args.manifest, split=args.split or "test",
-                                      batch_size=args.batch_size)
-        print(format_recall_table(results))
+                                      batch_size=args.batch_size, zero_shot_text=args.zero_shot_text)
+        print(_recall_tables(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -130,6 +145,68 @@ def _cmd_search(args: argparse.Namespace) -> int:
         for hit in engine.search_by_audio(audio, k=args.k):
             print(f"  {hit.rank:>2}  {hit.score:7.3f}  {hit.item_id}  {hit.path}")
     return 0
+
+
+def _cmd_layers(args: argparse.Namespace) -> int:
+    from vgskit.experiment import load_model
+    from vgskit.report import plot_layer_weights
+
+    model = load_model(args.checkpoint)
+    layer_weights = getattr(model, "layer_weights", None)
+    if not callable(layer_weights):
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise VGSKitError(f"checkpoint {args.checkpoint}: model {name!r} has no layer weights (layer_weights()); "
+                          "only models with a weighted sum of hidden states, such as SpeechCLIP, have them")
+    weights = {str(branch): [float(v) for v in w.detach().float().cpu().reshape(-1)]
+               for branch, w in layer_weights().items()}
+    if not weights:
+        raise VGSKitError(f"checkpoint {args.checkpoint}: the model reports no layer weights")
+    for branch, values in weights.items():
+        print(f"{branch}: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(values)))
+    print(plot_layer_weights(weights, args.out, title=args.title or f"Hidden-state weights ({args.checkpoint})"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(weights, indent=2))
+    return 0
+
+
+def _cmd_keywords(args: argparse.Namespace) -> int:
+    import torch
+
+    from vgskit.audio import load_audio
+    from vgskit.experiment import load_model
+
+    if args.k < 1:
+        raise VGSKitError(f"-k must be >= 1, got {args.k}")
+    model = load_model(args.checkpoint)
+    keywords = getattr(model, "keywords", None)
+    if not callable(keywords):
+        name = getattr(model, "model_name", None) or type(model).__name__
+        raise VGSKitError(f"checkpoint {args.checkpoint}: model {name!r} has no keyword slots (keywords()); "
+                          "only cascaded models such as SpeechCLIP-C produce keywords")
+    rate = int(getattr(model, "sample_rate", 16000))
+    report: list[dict] = []
+    failed = 0
+    # One file at a time: a bad file is reported and skipped, and no utterance is padded next to another.
+    for path in args.audio:
+        try:
+            wav = torch.from_numpy(load_audio(path, sample_rate=rate, max_seconds=args.max_seconds))
+        except VGSKitError as err:
+            print(f"vgskit: error: {err}", file=sys.stderr)
+            report.append({"audio": path, "error": str(err)})
+            failed += 1
+            continue
+        with torch.no_grad():
+            (slots,) = keywords(wav[None], torch.tensor([len(wav)]), top_k=args.k)
+        print(path)
+        for i, slot in enumerate(slots, start=1):
+            print(f"  slot {i}: " + " ".join(f"{token} ({score:.2f})" for token, score in slot))
+        report.append({"audio": path, "slots": [[{"token": t, "cosine": float(c)} for t, c in slot]
+                                                for slot in slots]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if failed:
+        print(f"vgskit: {failed} of {len(args.audio)} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=None, help="split to evaluate (default: test, or the corpus's test splits)")
     e.add_argument("--corpus", default=None, help="evaluate every split this corpus's papers report on")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--zero-shot-text", action="store_true",
+                   help="also rank the caption texts with speech and the speech with texts (models with a text "
+                        "tower, e.g. SpeechCLIP; every caption needs a transcript)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)
 
@@ -212,6 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=5)
     s.add_argument("audio", nargs="+")
     s.set_defaults(func=_cmd_search)
+
+    ly = sub.add_parser("layers", help="plot the learned weights of the speech tower's hidden states")
+    ly.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
+    ly.add_argument("--out", required=True, help="PNG file to write")
+    ly.add_argument("--json", default=None, help="also write the weights ({branch: [w_0, ...]}) as JSON")
+    ly.add_argument("--title", default=None, help="plot title")
+    ly.set_defaults(func=_cmd_layers)
+
+    kw = sub.add_parser("keywords", help="the keywords a cascaded model reads from spoken utterances",
+                        description="Print, per audio file, the top-k vocabulary tokens of each keyword slot "
+                                    "with their cosine similarity. Unreadable files are reported and skipped; "
+                                    "the exit status is 1 if any file failed.")
+    kw.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
+    kw.add_argument("-k", type=int, default=5, help="tokens per slot (default 5)")
+    kw.add_argument("--max-seconds", type=float, default=60.0, help="refuse longer files (default 60)")
+    kw.add_argument("--json", default=None, help="also write the keywords (and errors) as JSON")
+    kw.add_argument("audio", nargs="+")
+    kw.set_defaults(func=_cmd_keywords)
     return p
 
 

@@ -256,18 +256,31 @@ def evaluate_model(model: torch.nn.Module, dataset: SpokenCaptionDataset, *, bat
     return results
 
 
-def _check_zero_shot_text(model: torch.nn.Module, dataset: SpokenCaptionDataset) -> list[str]:
-    """The caption texts of ``dataset``; errors for a model without a text tower or captions without text."""
+def require_text_tower(model: torch.nn.Module) -> None:
+    """Raise unless ``model`` embeds text (``encode_text``), which zero-shot speech <-> text retrieval needs."""
     if not callable(getattr(model, "encode_text", None)):
         name = getattr(model, "model_name", None) or type(model).__name__
         raise VGSKitError(f"model {name!r} has no text tower (encode_text): zero-shot speech <-> text retrieval "
                           "needs a model that embeds text in its speech space, such as SpeechCLIP")
+
+
+def caption_texts(dataset: SpokenCaptionDataset, source: str | None = None) -> list[str]:
+    """The transcript of every caption of ``dataset``; an error listing captions without one.
+
+    ``source`` (e.g. the manifest and split) is named in the error.
+    """
     missing = [r.caption_id for r in dataset.records if not r.text]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise VGSKitError(f"{len(missing)} of {len(dataset.records)} captions have no transcript (text) "
+        where = f"{source}: " if source else ""
+        raise VGSKitError(f"{where}{len(missing)} of {len(dataset.records)} captions have no transcript (text) "
                           f"({shown}); zero-shot speech <-> text retrieval ranks the caption texts")
     return [str(r.text) for r in dataset.records]
+
+
+def _check_zero_shot_text(model: torch.nn.Module, dataset: SpokenCaptionDataset) -> list[str]:
+    require_text_tower(model)
+    return caption_texts(dataset)
 
 
 @torch.no_grad()
@@ -549,15 +562,24 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
 
 
 def evaluate_checkpoint(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
-                        batch_size: int = 128, max_seconds: float | None = None) -> dict[str, Any]:
-    """Recall of a checkpoint on one split of a manifest."""
+                        batch_size: int = 128, max_seconds: float | None = None,
+                        zero_shot_text: bool = False) -> dict[str, Any]:
+    """Recall of a checkpoint on one split of a manifest.
+
+    ``zero_shot_text=True`` adds ``results["zero_shot_text"]`` (speech <-> caption-text retrieval, see
+    :func:`evaluate_zero_shot_text`); the model must have ``encode_text`` and every caption a transcript.
+    """
     model = load_model(checkpoint)
+    if zero_shot_text:
+        require_text_tower(model)  # before decoding the split
     ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True)
-    return evaluate_model(model, ds, batch_size=batch_size)
+    if zero_shot_text:
+        caption_texts(ds, f"{manifest} (split {split!r})")
+    return evaluate_model(model, ds, batch_size=batch_size, zero_shot_text=zero_shot_text)
 
 
 def evaluate_corpus(checkpoint: str | Path, manifest: str | Path, corpus: str, *, batch_size: int = 128,
-                    max_seconds: float | None = None) -> dict[str, dict[str, Any]]:
+                    max_seconds: float | None = None, zero_shot_text: bool = False) -> dict[str, dict[str, Any]]:
     """Recall on every split the papers report for ``corpus`` (e.g. Places: test_seen and test_unseen)."""
     from vgskit.data.splits import corpus_splits
 
@@ -565,10 +587,14 @@ def evaluate_corpus(checkpoint: str | Path, manifest: str | Path, corpus: str, *
     if not splits:
         raise ConfigError(f"corpus {corpus!r} has no standard test split (it is used for pretraining)")
     model = load_model(checkpoint)
+    if zero_shot_text:
+        require_text_tower(model)
     results = {}
     for split in splits:
         ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True)
-        results[split] = evaluate_model(model, ds, batch_size=batch_size)
+        if zero_shot_text:
+            caption_texts(ds, f"{manifest} (split {split!r})")
+        results[split] = evaluate_model(model, ds, batch_size=batch_size, zero_shot_text=zero_shot_text)
     return results
 
 

@@ -10,7 +10,8 @@ import base64
 import html
 import io
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,48 @@ def plot_training_curve(rows: Sequence[dict], out_png: str | Path, *, metric: st
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_layer_weights(weights: Mapping[str, Sequence[float]], path: str | Path, *,
+                       title: str = "Hidden-state weights of the speech tower") -> Path:
+    """Bar chart of the softmax layer weights of each branch (SpeechCLIP's weighted sum of HuBERT states).
+
+    One group of bars per hidden state, one bar per branch; x is the hidden-state index ``0 .. L-1``, where
+    0 is the CNN output (the transformer's input) and ``i`` the output of transformer layer ``i``. A dashed
+    line marks the uniform weight ``1/L`` the sum starts from, so layers the training favoured stand out.
+    Written with matplotlib's Agg backend (no display needed); returns ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not weights:
+        raise ValueError("plot_layer_weights: no branches to plot")
+    rows = {str(name): [float(v) for v in values] for name, values in weights.items()}
+    for name, values in rows.items():
+        if not values or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"plot_layer_weights: branch {name!r} has no weights or non-finite ones: {values}")
+    n_states = max(len(v) for v in rows.values())
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * n_states * max(1, len(rows)) + 2), 3.5), dpi=110)
+    for b, (name, values) in enumerate(rows.items()):
+        offsets = [i - 0.4 + width * (b + 0.5) for i in range(len(values))]
+        ax.bar(offsets, values, width=width, label=name)
+    lengths = {len(v) for v in rows.values()}
+    if len(lengths) == 1:
+        ax.axhline(1.0 / n_states, color="gray", lw=0.8, ls="--", label="uniform")
+    ax.set_xticks(range(n_states))
+    ax.set_xlabel("hidden state (0 = CNN output / transformer input)")
+    ax.set_ylabel("softmax weight")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _data_uri(path: str | Path, mime: str) -> str:
