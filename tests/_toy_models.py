@@ -44,16 +44,30 @@ class FrozenPatchTower(nn.Module):
         return super().train(False)  # frozen: always in eval mode
 
     def forward(self, pixels: Tensor) -> ImageEncoderOutput:
+        # Image caches store the pooled vector only: models read nothing else from a frozen image tower.
         tokens = torch.tanh(self.patch(pixels)).flatten(2).transpose(1, 2)  # [B, 16, width]
         return ImageEncoderOutput(tokens=tokens, pooled=tokens.mean(dim=1))
 
 
 @dataclass
 class FrozenTowersConfig:
-    """``speech_tower``: a folder holding a tiny HuBERT (``save_pretrained`` layout)."""
+    """``speech_tower``: a folder holding a tiny HuBERT (``save_pretrained`` layout). ``save_towers=False``
+    leaves the frozen towers out of the state dict (rebuilt from their source on load), as SpeechCLIP does."""
 
     speech_tower: str = ""
     embed_dim: int = 16
+    save_towers: bool = True
+
+
+def _drop_towers(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith((f"{prefix}speech_tower.", f"{prefix}image_tower."))]:
+        del state_dict[key]
+
+
+def _keep_towers(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    for attribute in ("speech_tower", "image_tower"):
+        for key, value in getattr(module, attribute).state_dict().items():
+            state_dict.setdefault(f"{prefix}{attribute}.{key}", value)
 
 
 @register_model("test_frozen_towers")
@@ -72,6 +86,9 @@ class FrozenTowersModel(RetrievalModel):
         self.speech_proj = nn.Linear(self.speech_tower.width, config.embed_dim)
         self.image_proj = nn.Linear(12, config.embed_dim)
         self.loss = InfoNCELoss(init_temperature=0.1, learnable_temperature=False)
+        if not config.save_towers:
+            (getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook)(_drop_towers)
+            self.register_load_state_dict_pre_hook(_keep_towers)
 
     def frozen_towers(self) -> dict[str, nn.Module]:
         return {"speech": self.speech_tower, "image": self.image_tower}
@@ -136,7 +153,10 @@ class ToyTextModel(RetrievalModel):
         self.loss = InfoNCELoss(init_temperature=0.1, learnable_temperature=False)
 
     @classmethod
-    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: list[str]) -> dict[str, Any]:
+    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str], *,
+                               model_name: str | None = None) -> dict[str, Any]:
+        if model_name != "test_toy_text":
+            raise AssertionError(f"model_name {model_name!r} not passed")
         if not train_texts:
             raise ConfigError("no caption transcripts to build the keyword vocabulary from")
         config["vocabulary"] = sorted({w for t in train_texts for w in t.lower().split()})
@@ -199,8 +219,8 @@ class NoExtrasModel(ToyTextModel):
     layer_weights = None  # type: ignore[assignment]
 
     @classmethod
-    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: list[str]) -> dict[str, Any]:
-        return config
+    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str]) -> dict[str, Any]:
+        return config  # an older signature, without model_name
 
 
 register_model("test_no_extras")(NoExtrasModel)

@@ -31,7 +31,7 @@ def hubert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _recipe(hubert_dir: Path, manifest: Path, **data: object) -> dict:
     return {
         "model": {"name": "test_frozen_towers", "speech_tower": str(hubert_dir)},
-        "data": {"manifest": str(manifest), "train_max_seconds": 2.0, "captions_per_image": 2,
+        "data": {"manifest": str(manifest), "train_max_seconds": 1.0, "captions_per_image": 2, "val_max_images": 4,
                  "eval_batch_size": 16, **data},
         "train": {"optimizer": "adamw", "lr": 1e-2, "warmup_steps": 0, "max_steps": STEPS, "batch_size": 16,
                   "log_every": 1, "eval_every": STEPS, "ckpt_every": 2, "select_metric": "val/mean_R@10",
@@ -90,6 +90,20 @@ def test_cached_training_matches_live_towers(hubert_dir, tiny_manifest, tmp_path
     w_again = _final(tmp_path / "again")
     for k in w_cached:
         torch.testing.assert_close(w_again[k], w_cached[k], atol=1e-6, rtol=1e-6, msg=k)
+
+
+def test_models_that_do_not_save_their_frozen_towers(hubert_dir, tiny_manifest, tmp_path) -> None:
+    """A model whose state dict leaves its frozen towers out (SpeechCLIP) keeps doing so from a cache."""
+    recipe = _recipe(hubert_dir, tiny_manifest, feature_cache=str(tmp_path / "features"))
+    recipe["model"]["save_towers"] = False
+    recipe["train"].update(max_steps=2, eval_every=None)
+    train_from_recipe(recipe, out_dir=tmp_path / "run", overrides=["train.stop_after_steps=1"], progress=False)
+    resumed = train_from_recipe(recipe, out_dir=tmp_path / "run", resume=True, progress=False)
+    assert resumed["resumed_from_step"] == 1 and resumed["step"] == 2
+    weights = _final(tmp_path / "run")
+    assert weights and not any(k.startswith(("speech_tower.", "image_tower.")) for k in weights)
+    model = load_model(tmp_path / "run")
+    torch.testing.assert_close(model.speech_proj.weight, weights["speech_proj.weight"])
 
 
 def test_image_cache_only_with_random_crops(hubert_dir, tiny_manifest, tmp_path) -> None:

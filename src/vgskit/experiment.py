@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -329,10 +330,10 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     ``manifest`` and ``corpus`` (standard split names, see :mod:`vgskit.data.splits`) override the recipe's
     ``data.manifest`` and ``data.corpus``.
 
-    Before the model is built, its class's ``adapt_config_to_corpus(config, train_texts)`` (if it has one)
-    gets the full model config as a dict and the transcripts of the training split, and returns the config
-    to build (SpeechCLIP fills its reduced keyword vocabulary this way); that adapted config is the one
-    saved with every checkpoint. With ``data.feature_cache`` the model's frozen towers run once over the
+    Before the model is built, its class's ``adapt_config_to_corpus`` (if it has one) gets the recipe's model
+    overrides and the transcripts of the training split, and returns the overrides to build with (SpeechCLIP
+    fills its reduced keyword vocabulary this way; see :func:`adapt_model_config`); the adapted config is the
+    one saved with every checkpoint. With ``data.feature_cache`` the model's frozen towers run once over the
     training split and training reads their cached outputs (see :func:`prepare_feature_caches`); the
     summary then has a ``feature_cache`` entry (folder and number of files extracted per tower).
     """
@@ -441,45 +442,53 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     return summary
 
 
-def _registered(model_name: str) -> tuple[type, Any]:
-    """The class and the preset config registered as ``model_name``, without building the model."""
+def _model_class(model_name: str) -> type:
+    """The class registered as ``model_name``, without building the model."""
     from vgskit.models import registry
 
+    get_model_class = getattr(registry, "get_model_class", None)
+    if get_model_class is not None:
+        return get_model_class(model_name)
     registry._import_builtin_models()
     if model_name not in registry._MODELS:
         raise ConfigError(f"unknown model {model_name!r}; available models are {registry.list_models()}")
-    return registry._MODELS[model_name]
+    return registry._MODELS[model_name][0]
+
+
+def _accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def adapt_model_config(model_name: str, overrides: Mapping[str, Any], records: Sequence[Record], *,
                        source: str = "the training split") -> dict[str, Any]:
     """Let the model class adapt its config to the training corpus; returns the overrides to build it with.
 
-    ``cls.adapt_config_to_corpus(config, train_texts) -> config`` receives the full config (the preset
-    merged with ``overrides``, as a plain dict) and the non-empty transcripts of ``records``, and returns
-    the config to build. The fields it changes are added to ``overrides``, so an identity hook changes
-    nothing. A hook that needs transcripts the corpus lacks should raise; the error is re-raised as a
+    ``cls.adapt_config_to_corpus(config, train_texts, model_name=...)`` (see
+    :class:`vgskit.models.base.RetrievalModel`) receives the recipe's config overrides (a copy), the
+    non-empty transcripts of ``records`` and the registry name, and returns the overrides to build the
+    model with. A hook that needs transcripts the corpus lacks should raise; the error is re-raised as a
     :class:`ConfigError` naming ``source`` (the manifest and split).
     """
-    from vgskit.models.registry import merge_config
-
-    cls, preset = _registered(model_name)
+    cls = _model_class(model_name)
     hook = getattr(cls, "adapt_config_to_corpus", None)
     if hook is None:
         return dict(overrides)
-    base = copy.deepcopy(preset) if preset is not None else cls.config_class()
-    full = asdict(merge_config(base, overrides, where=model_name))
-    texts = [r.text for r in records if r.text]
+    texts = [str(r.text) for r in records if r.text]
+    kwargs = {"model_name": model_name} if _accepts_keyword(hook, "model_name") else {}
     try:
-        adapted = hook(copy.deepcopy(full), texts)
+        adapted = hook(copy.deepcopy(dict(overrides)), texts, **kwargs)
     except (VGSKitError, ValueError) as err:
         raise ConfigError(f"{source}: model {model_name!r} cannot adapt its config to the training captions "
                           f"({len(texts)} of {len(records)} have a transcript): {err}") from err
     if not isinstance(adapted, Mapping):
         raise ConfigError(f"model {model_name!r}: adapt_config_to_corpus returned {type(adapted).__name__}, "
-                          "not a config mapping")
-    out = dict(overrides)
-    out.update({k: v for k, v in adapted.items() if k not in full or full[k] != v})
+                          "not a mapping of config overrides")
+    out = dict(adapted)
+    out.pop("name", None)  # the registry name, if the hook kept it
     return out
 
 
@@ -488,10 +497,12 @@ def prepare_feature_caches(model: torch.nn.Module, data_cfg: DataConfig, records
                            progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """Open (and fill) the feature caches of ``model``'s frozen towers for the training ``records``.
 
-    Returns ``({kind: FeatureCache}, {kind: {"folder", "extracted", "items"}})``. Speech features are those
-    of the head crop of ``data_cfg.train_max_seconds``: a random crop changes the tower's input every
-    epoch, so ``train_crop: random`` with a speech cache is refused (cache the image tower only). Images go
-    through the model's own ``image_transform``. Extraction runs the tower on ``device`` (it stays there,
+    Returns ``({kind: FeatureCache}, {kind: {"folder", "extracted", "items"}})``. Speech caches hold every
+    hidden state of the head crop of ``data_cfg.train_max_seconds``: a random crop changes the tower's input
+    every epoch (and cropping cached frames would not give the frames of a cropped waveform, since the
+    transformer sees the whole input), so ``train_crop: random`` with a speech cache is refused (cache the
+    image tower only). Image caches hold the pooled vector, computed from the model's own
+    ``image_transform``. Extraction runs the tower on ``device`` (it stays there,
     ready for validation) with a progress bar; files already cached are skipped, so a second run extracts
     nothing. Under ``torchrun`` only the main process extracts (the others wait at a barrier, which times
     out after 30 minutes: extract a large corpus in one process first, e.g. with ``--set
@@ -530,7 +541,8 @@ def prepare_feature_caches(model: torch.nn.Module, data_cfg: DataConfig, records
         if kind == "speech":
             options = ExtractionOptions(kind="speech", max_seconds=data_cfg.train_max_seconds)
         else:
-            options = ExtractionOptions(kind="image",
+            # Only the pooled vector of a listed image tower is read (the frozen_towers() contract).
+            options = ExtractionOptions(kind="image", pooled=True,
                                         image_transform=ImageTransform.from_json(dict(model.image_transform)))
         cache = FeatureCache.for_tower(root, tower, options)
         extracted = 0
