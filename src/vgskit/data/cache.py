@@ -933,10 +933,12 @@ class CachedTowers:
         self.active = True
 
     def use_real(self) -> None:
-        """Put the real towers back (on the device of the model's parameters)."""
+        """Put the real towers back, on the device and in the train/eval mode of the model."""
         device = next((p.device for p in self.model.parameters()), None)
         for kind, tower in self.real.items():
-            self.model.set_tower(kind, tower if device is None else tower.to(device))
+            tower = tower if device is None else tower.to(device)
+            tower.train(self.model.training)  # it missed the model's train()/eval() calls while aside
+            self.model.set_tower(kind, tower)
         self.active = False
 
     @contextmanager
