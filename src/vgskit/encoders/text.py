@@ -13,13 +13,15 @@ routes share one code path.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from vgskit.encoders.hub import load_hf_config, load_hf_model, resolve_tower
+from vgskit.encoders.hub import TowerSource, load_hf_config, load_hf_model, resolve_tower
 from vgskit.errors import ConfigError, VGSKitError
 
 
@@ -52,12 +54,44 @@ class ClipTextConfig:
     local_files_only: bool | None = None
 
 
+def load_tokenizer(source: TowerSource) -> Any | None:
+    """The tokenizer stored with a tower, or ``None`` when its folder has no tokenizer files.
+
+    A local folder counts only with ``tokenizer.json`` or ``vocab.json``: without that check transformers
+    may build an empty tokenizer that silently maps every word to ``<unk>``.
+    """
+    from transformers import AutoTokenizer
+
+    if source.is_local and not any(
+        (Path(source.name_or_path) / f).is_file() for f in ("tokenizer.json", "vocab.json")
+    ):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source.name_or_path, local_files_only=source.local_files_only)
+    except (OSError, ValueError, TypeError):
+        # Weights without tokenizer files are still usable with ids or embeddings made elsewhere.
+        return None
+
+
+def load_clip_tokenizer(
+    name_or_path: str | os.PathLike[str] | ClipTextConfig, *, local_files_only: bool | None = None
+) -> Any | None:
+    """CLIP's tokenizer for a text tower (alias, hub id, folder or :class:`ClipTextConfig`), without its weights.
+
+    Returns ``None`` when the tower has no tokenizer files.
+    """
+    if isinstance(name_or_path, ClipTextConfig):
+        local_files_only = name_or_path.local_files_only if local_files_only is None else local_files_only
+        name_or_path = name_or_path.name_or_path
+    return load_tokenizer(resolve_tower(name_or_path, local_files_only=local_files_only, need_weights=False))
+
+
 class ClipTextEncoder(nn.Module):
     """CLIP text transformer + projection; see the module docstring."""
 
     def __init__(self, config: ClipTextConfig):
         super().__init__()
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         self.config = config
         source = resolve_tower(config.name_or_path, local_files_only=config.local_files_only)
@@ -70,19 +104,7 @@ class ClipTextEncoder(nn.Module):
         self.token_width = int(text_config.hidden_size)
         self.max_length = int(text_config.max_position_embeddings)
         self.eos_token_id = int(text_config.eos_token_id)
-        self.tokenizer = None
-        has_files = not source.is_local or any(
-            (Path(source.name_or_path) / f).is_file() for f in ("tokenizer.json", "vocab.json")
-        )
-        try:
-            # Without this check transformers may build an empty tokenizer that silently maps words to <unk>.
-            if has_files:
-                self.tokenizer = AutoTokenizer.from_pretrained(
-                source.name_or_path, local_files_only=source.local_files_only
-            )
-        except (OSError, ValueError, TypeError):
-            # Weights without tokenizer files are still usable with ids or embeddings made elsewhere.
-            self.tokenizer = None
+        self.tokenizer = load_tokenizer(source)
         if config.freeze:
             for p in self.parameters():
                 p.requires_grad_(False)

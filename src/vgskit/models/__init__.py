@@ -4,23 +4,30 @@ from vgskit.models.base import RetrievalModel
 from vgskit.models.registry import (
     create_model,
     create_model_from_config,
+    get_model_class,
     list_models,
     load_pretrained,
+    model_config,
     register_model,
     save_pretrained,
 )
 
 # Importing a model module registers its names.
 from vgskit.models.dual_encoder import DualEncoder, DualEncoderConfig  # noqa: E402  isort: skip
+from vgskit.models.speechclip import SpeechCLIP, SpeechCLIPConfig  # noqa: E402  isort: skip
 
 __all__ = [
     "DualEncoder",
     "DualEncoderConfig",
     "RetrievalModel",
+    "SpeechCLIP",
+    "SpeechCLIPConfig",
     "create_model",
     "create_model_from_config",
+    "get_model_class",
     "list_models",
     "load_pretrained",
+    "model_config",
     "register_model",
     "save_pretrained",
 ]

@@ -95,15 +95,29 @@ def merge_config(base: Any, overrides: Mapping[str, Any], where: str = "config")
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def create_model(name: str, **config_overrides: Any) -> RetrievalModel:
-    """Build the model registered as ``name``, its preset config updated with ``config_overrides``."""
+def _entry(name: str) -> tuple[type[RetrievalModel], Any]:
     _import_builtin_models()
     if name not in _MODELS:
         raise ConfigError(f"unknown model {name!r}; available models are {sorted(_MODELS)}")
-    cls, preset = _MODELS[name]
+    return _MODELS[name]
+
+
+def get_model_class(name: str) -> type[RetrievalModel]:
+    """The class registered as ``name`` (e.g. to call its class-level hooks before building it)."""
+    return _entry(name)[0]
+
+
+def model_config(name: str, **config_overrides: Any) -> Any:
+    """The config ``create_model(name, **config_overrides)`` would build from, without building the model."""
+    cls, preset = _entry(name)
     base = copy.deepcopy(preset) if preset is not None else cls.config_class()
-    config = merge_config(base, config_overrides, where=name)
-    model = cls(config)
+    return merge_config(base, config_overrides, where=name)
+
+
+def create_model(name: str, **config_overrides: Any) -> RetrievalModel:
+    """Build the model registered as ``name``, its preset config updated with ``config_overrides``."""
+    cls = get_model_class(name)
+    model = cls(model_config(name, **config_overrides))
     model.model_name = name
     return model
 

@@ -1,4 +1,7 @@
-"""SpeechCLIP: speech branches that map frozen HuBERT features into a frozen CLIP's space.
+"""SpeechCLIP building blocks: the speech branches that map frozen HuBERT features into a frozen CLIP's space.
+
+The assembled, registered model is :class:`vgskit.models.speechclip.SpeechCLIP`, which also re-exports
+every name defined here.
 
 What is implemented here (the numerical core, checked against the reference implementation's outputs):
 
@@ -30,12 +33,13 @@ Deliberate differences from the reference (the reference behaviour is available 
 * The schedule holds ``final_lr`` from ``max_step - 1`` on; the reference keeps decaying and turns negative
   a few steps after ``max_step`` (its configs stop exactly at ``max_step``). ``hold_final=False`` matches it.
 
-Paper hyperparameters (Flickr8k / SpokenCOCO; recipes come separately): frozen HuBERT base (13 states) or
-large (25 states, each layer-normed before the weighted sum) and CLIP ViT-B/16 or ViT-L/14; parallel branch
-1 layer, 8 heads, FFN 3072 (base) / 4096 (large), GELU, dropout 0.1; cascaded branch 8 keywords, 1 head;
-VQ temperature 0.1; reduced vocabulary (8,112 Flickr8k / 19,787 COCO subwords); loss scale 1/0.07 fixed
-(base) or learnable log-scale (large); Adam lr 1e-4, weight decay 1e-6, 5k warm-up steps, linear decay
-to 1e-8 at 50k steps, batch 256, fp16, gradient clipping 4; train-time random crop to 102,400 samples.
+Paper hyperparameters (Flickr8k / SpokenCOCO; the recipes are ``vgskit/recipes/speechclip_*.yaml``):
+frozen HuBERT base (13 states) or large (25 states, each layer-normed before the weighted sum) and CLIP
+ViT-B/32 or ViT-L/14; parallel branch 1 layer, 8 heads, FFN 3072 (base) / 4096 (large), GELU, dropout
+0.1; cascaded branch 8 keywords, 1 head; VQ temperature 0.1; reduced vocabulary (8,112 Flickr8k / 19,787
+COCO subwords); loss scale 1/0.07 fixed (base) or learnable log-scale (large); Adam lr 1e-4, weight decay
+1e-6, 5k warm-up steps, linear decay to 1e-8 at 50k steps, batch 256, fp16, gradient clipping 4;
+train-time random crop to 102,400 samples.
 """
 
 from __future__ import annotations
@@ -68,11 +72,11 @@ def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
 
 @dataclass
 class ParallelBranchConfig:
-    """Configuration of :class:`ParallelBranch` (defaults: SpeechCLIP-P base with CLIP ViT-B/16).
+    """Configuration of :class:`ParallelBranch` (defaults: SpeechCLIP-P base with CLIP ViT-B/32).
 
     Attributes:
         audio_dim: width of the speech frames (HuBERT base 768, large 1024).
-        out_dim: CLIP embedding width (512 for ViT-B/16, 768 for ViT-L/14).
+        out_dim: CLIP embedding width (512 for ViT-B/32, 768 for ViT-L/14).
         num_layers: transformer layers.
         num_heads: attention heads.
         ffn_dim: feed-forward width.
