@@ -33,7 +33,9 @@ from vgskit.layers import SpeechEncoderOutput
 from vgskit.models import RetrievalModel, list_models, load_pretrained, save_pretrained
 from vgskit.models.registry import merge_config, model_config
 from vgskit.models.speechclip import (
+    CascadedBranch,
     CascadedBranchConfig,
+    ParallelBranch,
     ParallelBranchConfig,
     SpeechCLIP,
     SpeechCLIPConfig,
@@ -169,6 +171,20 @@ def test_registered_presets_follow_the_paper() -> None:
         assert {cfg.speech.name_or_path, cfg.image.name_or_path, cfg.text.name_or_path} <= set(KNOWN_TOWERS)
     # Any preset can train both branches.
     assert model_config("speechclip_parallel_large", branches="both").branch_names == ("parallel", "cascaded")
+
+
+def test_trainable_parameters_match_the_paper() -> None:
+    # Table 1: 2.8 M (cascaded) to 7.5 M (parallel) trainable parameters for base, up to 13.4 M for large,
+    # counting the branch and the hidden-state weights (13 base / 25 large states). The cascaded large
+    # branch of the reference configs has 5.0 M; Table 1's lower bound for large is 6.1 M.
+    def count(size: str, branch: str) -> float:
+        cfg = model_config(f"speechclip_{branch}_{size}")
+        module = ParallelBranch(cfg.parallel) if branch == "parallel" else CascadedBranch(cfg.cascaded)
+        return (sum(p.numel() for p in module.parameters() if p.requires_grad) + (13 if size == "base" else 25)) / 1e6
+
+    assert count("base", "parallel") == pytest.approx(7.5, abs=0.05)
+    assert count("base", "cascaded") == pytest.approx(2.8, abs=0.05)
+    assert count("large", "parallel") == pytest.approx(13.4, abs=0.05)
 
 
 def test_config_round_trips_through_json(towers: Towers) -> None:
