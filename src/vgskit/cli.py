@@ -8,6 +8,7 @@
     torchrun --nproc_per_node=2 -m vgskit.cli train --recipe demo --out runs/x   # multi-process
     vgskit eval --checkpoint runs/x --manifest M [--split test | --corpus places]   # runs/x: best checkpoint
     vgskit eval --checkpoint runs/x --manifest M --zero-shot-text   # + speech <-> caption text (SpeechCLIP)
+    vgskit eval --checkpoint runs/x --manifest M --keyword-hit-rate # + per-slot keyword hit rate (SpeechCLIP-C)
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
     vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
@@ -109,10 +110,39 @@ def _recall_tables(results: dict) -> str:
     return text
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from vgskit.experiment import evaluate_checkpoint, evaluate_corpus
+def _keyword_tables(results: dict) -> str:
+    from vgskit.experiment import format_keyword_hit_rate
 
-    if args.corpus is not None and args.split is None:
+    text = _recall_tables(results)
+    if "keyword_hit_rate" in results:
+        text += "\n\n" + format_keyword_hit_rate(results["keyword_hit_rate"])
+    return text
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vgskit.experiment import evaluate_checkpoint, evaluate_checkpoint_splits, evaluate_corpus
+
+    if args.keyword_top_k < 1:
+        raise VGSKitError(f"--keyword-top-k must be >= 1, got {args.keyword_top_k}")
+    if args.keyword_hit_rate:
+        # One model load for the recall, the zero-shot text retrieval and the keyword hit rate.
+        from vgskit.data.splits import corpus_splits
+
+        by_corpus = args.corpus is not None and args.split is None
+        splits = list(corpus_splits(args.corpus).test) if by_corpus else [args.split or "test"]
+        if not splits:
+            raise VGSKitError(f"corpus {args.corpus!r} has no standard test split (it is used for pretraining)")
+        per_split = evaluate_checkpoint_splits(args.checkpoint, args.manifest, splits, batch_size=args.batch_size,
+                                               zero_shot_text=args.zero_shot_text, keyword_hit_rate=True,
+                                               keyword_top_k=args.keyword_top_k)
+        if by_corpus:
+            results = per_split
+            for split, split_results in per_split.items():
+                print(f"[{split}]\n{_keyword_tables(split_results)}")
+        else:
+            results = per_split[splits[0]]
+            print(_keyword_tables(results))
+    elif args.corpus is not None and args.split is None:
         results = evaluate_corpus(args.checkpoint, args.manifest, args.corpus, batch_size=args.batch_size,
                                   zero_shot_text=args.zero_shot_text)
         for split, split_results in results.items():
@@ -276,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--zero-shot-text", action="store_true",
                    help="also rank the caption texts with speech and the speech with texts (models with a text "
                         "tower, e.g. SpeechCLIP; every caption needs a transcript)")
+    e.add_argument("--keyword-hit-rate", action="store_true",
+                   help="also report the per-slot keyword hit rate (cascaded models, e.g. SpeechCLIP-C; every "
+                        "caption needs a transcript)")
+    e.add_argument("--keyword-top-k", type=int, default=5,
+                   help="vocabulary neighbours of each keyword that count for the hit rate (default 5)")
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)
 

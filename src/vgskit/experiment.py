@@ -311,6 +311,130 @@ def evaluate_zero_shot_text(model: torch.nn.Module, dataset: SpokenCaptionDatase
     return speech_text_retrieval(speech_emb.cpu(), text_emb.cpu(), labels, labels, ks=ks, chunk_size=chunk_size)
 
 
+#: What :func:`evaluate_keyword_hit_rate` looks up in the vocabulary for each keyword slot.
+KEYWORD_SOURCES = ("chosen", "slot")
+
+
+def _model_name(model: torch.nn.Module) -> str:
+    return str(getattr(model, "model_name", None) or type(model).__name__)
+
+
+def require_keyword_branch(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """``(table [V, D], token_ids [V], tokenizer)`` of a model with keyword slots; a clear error otherwise.
+
+    The keyword hit rate needs the vocabulary the keywords are chosen from (``keyword_table()``,
+    ``keyword_token_ids``) and the text tower's tokenizer, to split each transcript into the same subwords.
+    """
+    name = _model_name(model)
+    # Looked up on the class: a model without the cascaded branch raises from the property itself.
+    if not all(hasattr(type(model), a) for a in ("keyword_table", "keyword_token_ids", "keyword_ids")):
+        raise VGSKitError(f"model {name!r} has no keyword slots (keyword_table, keyword_token_ids, keyword_ids): "
+                          "the keyword hit rate needs a cascaded model such as SpeechCLIP-C")
+    try:
+        table = model.keyword_table()
+        ids = model.keyword_token_ids
+    except VGSKitError as err:  # e.g. a SpeechCLIP without its cascaded branch
+        raise VGSKitError(f"model {name!r}: the keyword hit rate needs the cascaded branch ({err})") from err
+    tokenizer = getattr(getattr(model, "text_tower", None), "tokenizer", None)
+    if tokenizer is None:
+        raise VGSKitError(f"model {name!r}: its text tower has no tokenizer files (vocab.json, merges.txt), "
+                          "which the keyword hit rate needs to split the transcripts into subwords")
+    return table.detach(), ids.detach().long(), tokenizer
+
+
+def _keyword_transcripts(dataset: SpokenCaptionDataset, source: str | None) -> list[str]:
+    missing = [r.caption_id for r in dataset.records if not r.text]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        where = f"{source}: " if source else ""
+        raise VGSKitError(f"{where}{len(missing)} of {len(dataset.records)} captions have no transcript (text) "
+                          f"({shown}); the keyword hit rate compares each caption's keywords with the subwords "
+                          "of its transcript")
+    return [str(r.text) for r in dataset.records]
+
+
+@torch.no_grad()
+def evaluate_keyword_hit_rate(model: torch.nn.Module, dataset: SpokenCaptionDataset, *, top_k: int = 5,
+                              keywords: Literal["chosen", "slot"] = "chosen", batch_size: int = 64,
+                              source: str | None = None) -> dict[str, Any]:
+    """Per-slot keyword hit rate of a cascaded model (SpeechCLIP-C) over ``dataset``'s captions, in percent.
+
+    For every caption and keyword slot, the ``top_k`` vocabulary entries nearest (by cosine) to the slot's
+    keyword are looked up; the slot *hits* when any of them is one of the subwords of the caption's own
+    transcript (:func:`vgskit.metrics.keyword_hit_rate`). ``keywords`` says which vector is looked up:
+
+    * ``"chosen"`` (default): the vocabulary entry the slot selects, i.e. the token embedding CLIP's text
+      tower receives. The reference implementation scores these (with 5 neighbours); with ``top_k=1`` this
+      is the paper's definition (the selected subword itself occurs in the caption).
+    * ``"slot"``: the slot's batch-normalised vector before it is quantised (``keyword_embeddings``).
+
+    Two details differ from the reference code on purpose: padding/start/end-of-text rows are never counted
+    among the neighbours (a keyword can never be one of them), and a transcript's subwords are its own
+    tokens only (the reference re-encodes padded token sequences, so start/end-of-text neighbours count as
+    hits there). Captions are embedded in length order to keep padding small; the model runs in eval mode
+    (the keyword BatchNorm uses its running statistics).
+
+    Returns:
+        ``{"per_slot": [K rates], "mean": ..., "top_k": ..., "keywords": ..., "n_captions": N}``.
+
+    Raises:
+        VGSKitError: the model has no cascaded branch or no tokenizer, or a caption has no transcript
+            (``source``, e.g. the manifest and split, is named in the message).
+    """
+    from vgskit.metrics import keyword_hit_rate
+    from vgskit.models.speechclip import special_token_ids
+
+    if keywords not in KEYWORD_SOURCES:
+        raise ConfigError(f"keywords: must be one of {KEYWORD_SOURCES}, got {keywords!r}")
+    table, token_ids, tokenizer = require_keyword_branch(model)
+    table, token_ids = table.float().cpu(), token_ids.cpu()  # [V, D], [V]
+    texts = _keyword_transcripts(dataset, source)
+    # Candidates: every vocabulary row except padding and start/end of text (never chosen as keywords).
+    special = torch.tensor(sorted(special_token_ids(tokenizer)), dtype=torch.long)
+    keep = ~torch.isin(token_ids, special)
+    candidates, candidate_ids = table[keep], token_ids[keep]  # [V', D], [V']
+    if not 1 <= top_k <= len(candidate_ids):
+        raise ConfigError(f"top_k: must be in [1, {len(candidate_ids)}] (the keyword vocabulary without special "
+                          f"tokens), got {top_k}")
+    row_of = {int(t): r for r, t in enumerate(token_ids.tolist())}
+    caption_tokens = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+
+    was_training = model.training
+    model.eval()
+    try:
+        lengths = dataset.num_samples()
+        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
+        rows: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            wavs = [dataset.waveform(i) for i in idx]
+            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
+            lens = torch.tensor([len(w) for w in wavs])
+            if keywords == "chosen":
+                chosen, _ = model.keyword_ids(batch, lens, top_k=1)  # [B, K, 1] CLIP token ids
+                chosen_rows = torch.tensor([[row_of[int(t)] for t in slots] for slots in chosen[..., 0].tolist()])
+                vectors = table[chosen_rows]  # [B, K, D]
+            else:
+                vectors = model.keyword_embeddings(batch, lens).float().cpu()  # [B, K, D]
+            for row, i in enumerate(idx):
+                rows[i] = vectors[row]
+    finally:
+        model.train(was_training)
+    rates = keyword_hit_rate(torch.stack(rows), candidates, caption_tokens, candidate_ids, top=top_k)
+    return {"per_slot": [float(r) for r in rates], "mean": float(rates.mean()), "top_k": int(top_k),
+            "keywords": keywords, "n_captions": len(dataset)}
+
+
+def format_keyword_hit_rate(result: Mapping[str, Any]) -> str:
+    """A small text table of :func:`evaluate_keyword_hit_rate`'s result (one line per slot, then the mean)."""
+    what = "selected subword" if result["keywords"] == "chosen" else "slot vector"
+    lines = [f"keyword hit rate (top-{result['top_k']} vocabulary neighbours of each slot's {what} among the "
+             f"caption's subwords; {result['n_captions']} captions)"]
+    lines += [f"  slot {i:>2}: {rate:6.2f} %" for i, rate in enumerate(result["per_slot"], start=1)]
+    lines.append(f"  mean   : {result['mean']:6.2f} %")
+    return "\n".join(lines)
+
+
 def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """``{"speech_to_image": {"R@1": ..}}`` → ``{"speech_to_image/R@1": ..}`` (scalars only)."""
     flat: dict[str, float] = {}
@@ -607,6 +731,38 @@ def evaluate_corpus(checkpoint: str | Path, manifest: str | Path, corpus: str, *
         if zero_shot_text:
             caption_texts(ds, f"{manifest} (split {split!r})")
         results[split] = evaluate_model(model, ds, batch_size=batch_size, zero_shot_text=zero_shot_text)
+    return results
+
+
+def evaluate_checkpoint_splits(checkpoint: str | Path, manifest: str | Path, splits: Sequence[str], *,
+                               batch_size: int = 128, max_seconds: float | None = None,
+                               zero_shot_text: bool = False, keyword_hit_rate: bool = False,
+                               keyword_top_k: int = 5) -> dict[str, dict[str, Any]]:
+    """Recall of a checkpoint on several splits, plus the optional SpeechCLIP measures, loading it once.
+
+    ``zero_shot_text`` adds ``results[split]["zero_shot_text"]`` (see :func:`evaluate_zero_shot_text`);
+    ``keyword_hit_rate`` adds ``results[split]["keyword_hit_rate"]`` (see :func:`evaluate_keyword_hit_rate`,
+    ``keyword_top_k`` neighbours). What the model and the transcripts must offer is checked before the
+    (long) embedding passes: the model once, each split right after it is read.
+    """
+    model = load_model(checkpoint)
+    if zero_shot_text:
+        require_text_tower(model)
+    if keyword_hit_rate:
+        require_keyword_branch(model)
+    results: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True)
+        where = f"{manifest} (split {split!r})"
+        if zero_shot_text:
+            caption_texts(ds, where)
+        if keyword_hit_rate:
+            _keyword_transcripts(ds, where)
+        split_results = evaluate_model(model, ds, batch_size=batch_size, zero_shot_text=zero_shot_text)
+        if keyword_hit_rate:
+            split_results["keyword_hit_rate"] = evaluate_keyword_hit_rate(
+                model, ds, top_k=keyword_top_k, batch_size=batch_size, source=where)
+        results[split] = split_results
     return results
 
 
