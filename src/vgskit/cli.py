@@ -13,6 +13,7 @@
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
     vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
     vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # cascaded SpeechCLIP keywords
+    vgskit convert-speechclip released.ckpt --config speechclip_parallel_base --out models/p_base  # reference ckpt
 
 Imports of torch and friends happen inside the commands so that ``vgskit --help`` is instant.
 """
@@ -239,6 +240,53 @@ def _cmd_keywords(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _speechclip_config_section(config: str, overrides: list[str]) -> dict:
+    """``--config``: a registered SpeechCLIP name, or a JSON/YAML file holding a model section (a mapping with an
+    optional ``name``, or a recipe whose ``model`` section is used); ``--set`` overrides apply to it."""
+    from vgskit.train.config import apply_overrides
+
+    path = Path(config)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise VGSKitError(f"--config {path}: file not found")
+        import yaml
+
+        try:
+            text = path.read_text(encoding="utf-8")
+            # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
+            section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise VGSKitError(f"--config {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
+        if isinstance(section, dict) and isinstance(section.get("model"), dict):
+            section = section["model"]  # a recipe
+        if not isinstance(section, dict):
+            raise VGSKitError(f"--config {path}: expected a mapping of SpeechCLIP config values, "
+                              f"got {type(section).__name__}")
+    else:
+        section = {"name": config}
+    return apply_overrides(section, overrides)
+
+
+def _cmd_convert_speechclip(args: argparse.Namespace) -> int:
+    from vgskit.models.registry import save_pretrained
+    from vgskit.models.speechclip import convert_reference_checkpoint
+
+    section = _speechclip_config_section(args.config, args.set)
+    model, report = convert_reference_checkpoint(args.checkpoint, section, allow_pickle=args.allow_pickle)
+    out = save_pretrained(model, args.out)
+    print(f"{args.checkpoint}: {len(report.loaded)} trained tensor(s) loaded into {model.model_name} "
+          f"(branches: {', '.join(model.branch_names)})")
+    if report.defaulted:
+        print(f"  kept at their configured value: {', '.join(report.defaulted)}")
+    if report.dropped:
+        print(f"  frozen-tower tensors not used (the towers load from {model.config.speech.name_or_path!r} and "
+              f"{model.config.image.name_or_path!r}): {len(report.dropped)}")
+    if report.keyword_vocab is not None:
+        print(f"  keyword vocabulary: {len(report.keyword_vocab)} subwords (ids from the {report.keyword_vocab_source})")
+    print(out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vgskit", description="Visually grounded speech toolkit")
     sub = p.add_subparsers(dest="command", required=True)
@@ -345,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     kw.add_argument("--json", default=None, help="also write the keywords (and errors) as JSON")
     kw.add_argument("audio", nargs="+")
     kw.set_defaults(func=_cmd_keywords)
+
+    cv = sub.add_parser("convert-speechclip", help="turn a released SpeechCLIP checkpoint into a vgskit model",
+                        description="Read a checkpoint of the SpeechCLIP reference implementation (Lightning .ckpt, "
+                                    "a saved state dict or .safetensors), map its trained weights onto the "
+                                    "configured model and save it (model.safetensors + config.json). The frozen "
+                                    "HuBERT/CLIP towers are not taken from the file: they load from the "
+                                    "config's hub names or folders.")
+    cv.add_argument("checkpoint", help="the reference checkpoint file")
+    cv.add_argument("--config", required=True,
+                    help="registered model (speechclip_parallel_base, speechclip_cascaded_large, ...) or a "
+                         "JSON/YAML file with its config (a model section, or a recipe)")
+    cv.add_argument("--out", required=True, help="folder to write the converted model to")
+    cv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. branches=both or speech.name_or_path=/models/hubert")
+    cv.add_argument("--allow-pickle", action="store_true",
+                    help="unpickle the whole file (released .ckpt files pickle their training config); only "
+                         "for files you trust")
+    cv.set_defaults(func=_cmd_convert_speechclip)
     return p
 
 

@@ -523,7 +523,10 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
     ``cascaded_branch.*`` → ``cascaded.*``, ``criterion.temperature`` → ``loss.logit_scale``,
     ``*weightedsum_layer.weights`` → ``layer_sum.weights``). Frozen towers (``clip.*`` except the
     cascaded branch's reduced token embedding, ``audio_encoder.*``) are dropped: our towers load their own
-    pretrained weights.
+    pretrained weights. The reduced token embedding comes out as ``cascaded.token_embedding.weight``, the
+    key of a stand-alone :class:`CascadedBranch`; the assembled model holds no such key (it reads the rows
+    from its text tower), so convert a released checkpoint for it with
+    :func:`vgskit.models.speechclip.load_reference_checkpoint`, which checks that table instead.
 
     Raises:
         KeyError: a key that belongs to no known module (nothing is silently lost).
