@@ -22,10 +22,9 @@ from vgskit.cli import main
 from vgskit.encoders.text import load_clip_tokenizer
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.experiment import load_model
-from vgskit.models.speechclip import (
-    SpeechCLIP,
+from vgskit.models.speechclip import SpeechCLIP, build_keyword_vocabulary
+from vgskit.models.speechclip_convert import (
     UnpickledObject,
-    build_keyword_vocabulary,
     convert_reference_checkpoint,
     load_reference_checkpoint,
     read_reference_checkpoint,
@@ -231,7 +230,7 @@ def test_checkpoint_files(source, towers, order, tmp_path, monkeypatch) -> None:
         read_reference_checkpoint(tmp_path / "released.ckpt")
     assert read_reference_checkpoint(tmp_path / "released.ckpt", allow_pickle=True).keys() == ref.keys()
     held = torch.load(tmp_path / "released.ckpt", weights_only=False,
-                      pickle_module=sys.modules["vgskit.models.speechclip"]._tolerant_pickle_module())
+                      pickle_module=sys.modules["vgskit.models.speechclip_convert"]._tolerant_pickle_module())
     stand_in = held["hyper_parameters"]["config"]
     assert isinstance(stand_in, UnpickledObject) and stand_in["model_settings"]["cascaded_objective_weight"] == 1.0
     assert stand_in.origin == "reference_pkg_config.OrderedNamespace" and stand_in.state == {"trainer": {"max_steps": 50000}}

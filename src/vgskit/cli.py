@@ -269,7 +269,7 @@ def _speechclip_config_section(config: str, overrides: list[str]) -> dict:
 
 def _cmd_convert_speechclip(args: argparse.Namespace) -> int:
     from vgskit.models.registry import save_pretrained
-    from vgskit.models.speechclip import convert_reference_checkpoint
+    from vgskit.models.speechclip_convert import convert_reference_checkpoint
 
     section = _speechclip_config_section(args.config, args.set)
     model, report = convert_reference_checkpoint(args.checkpoint, section, allow_pickle=args.allow_pickle)

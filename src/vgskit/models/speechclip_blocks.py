@@ -526,7 +526,7 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
     pretrained weights. The reduced token embedding comes out as ``cascaded.token_embedding.weight``, the
     key of a stand-alone :class:`CascadedBranch`; the assembled model holds no such key (it reads the rows
     from its text tower), so convert a released checkpoint for it with
-    :func:`vgskit.models.speechclip.load_reference_checkpoint`, which checks that table instead.
+    :func:`vgskit.models.speechclip_convert.load_reference_checkpoint`, which checks that table instead.
 
     Raises:
         KeyError: a key that belongs to no known module (nothing is silently lost).
