@@ -251,3 +251,25 @@ def test_config_validation_and_cache_dir(tmp_path: Path, monkeypatch: pytest.Mon
     assert synthetic.default_cache_dir() == Path.home() / ".cache" / "vgskit"
     for preset in PRESETS.values():
         preset.validate()
+
+
+def test_a_second_generator_waits_and_reuses_the_corpus(tmp_path: Path) -> None:
+    """Two processes asking for one corpus: the second waits for the lock, then reuses what the first made."""
+    import threading
+
+    out = tmp_path / "shared"
+    results: list[Path] = []
+    waiter = threading.Thread(
+        target=lambda: results.append(generate_spoken_scenes(out, SMALL, workers=1, progress=False))
+    )
+    with synthetic._generation_lock(out, progress=False):  # the "first process"
+        waiter.start()
+        waiter.join(timeout=1.0)
+        # Blocked before writing anything (a generator writes corpus.partial.json first thing).
+        assert waiter.is_alive() and not (out / "corpus.partial.json").exists()
+        manifest = synthetic._generate(out, SMALL, workers=1, progress=False)
+        made = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and results == [manifest]
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == made  # reused: no file written again

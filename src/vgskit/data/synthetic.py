@@ -32,7 +32,8 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -761,6 +762,9 @@ def generate_spoken_scenes(
     written under a temporary name and renamed, so an existing file is a complete file) and only the
     missing ones are made; a folder made with a different config, or with no marker at all, is
     regenerated entirely.
+
+    One process generates a folder at a time (an advisory lock on ``out_dir/.lock``): another process asking
+    for the same corpus, e.g. a second ``vgskit demo`` started meanwhile, waits and then reuses it.
     """
     config.validate()
     out = Path(out_dir)
@@ -769,9 +773,41 @@ def generate_spoken_scenes(
     wanted = _marker(config)
     if _read_json(marker_path) == wanted and _all_files_exist(out, manifest):
         return manifest
-
-    # Fail before any work when a dependency is missing.
+    # Fail before any work (or wait) when a dependency is missing.
     _check_tts()
+    with _generation_lock(out, progress):
+        if _read_json(marker_path) == wanted and _all_files_exist(out, manifest):
+            return manifest  # made by the process we waited for
+        return _generate(out, config, workers, progress)
+
+
+@contextmanager
+def _generation_lock(out: Path, progress: bool) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``out/.lock`` (waiting for another holder, with a message)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks; concurrent runs still only write whole files
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"{out}: another process is generating this corpus; waiting for it", flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _generate(out: Path, config: SpokenScenesConfig, workers: int | None, progress: bool) -> Path:
+    """The work of :func:`generate_spoken_scenes`, under its lock."""
+    manifest = out / "manifest.jsonl"
+    marker_path = out / "corpus.json"
+    wanted = _marker(config)
     scenes, captions, items = _plan(config)
 
     out.mkdir(parents=True, exist_ok=True)
