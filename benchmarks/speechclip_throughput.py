@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from _memory import peak_rss_mib, reset_peak_rss  # benchmarks/_memory.py (the script's folder is on sys.path)
 
 SAMPLE_RATE = 16000
 CROP_SECONDS = 6.4  # SpeechCLIP's training crop: 102,400 samples
@@ -86,26 +87,6 @@ TINY_CLIP_WIDTH, TINY_CLIP_VOCAB, TINY_IMAGE = 32, 512, 32
 # ---------------------------------------------------------------------------------------------------------
 # Memory and machine
 # ---------------------------------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0); False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process (since the last reset), in MiB."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB
-    scale = 1024 * 1024 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, kB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def cpu_model() -> str:

@@ -23,7 +23,7 @@ import contextlib
 import copy
 import inspect
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -190,8 +190,12 @@ def make_dataset(manifest: str | Path, split: str, image_transform: Mapping[str,
 
 
 @torch.no_grad()
-def embed_speech(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_size: int = 128) -> torch.Tensor:
-    """Embed every caption of ``dataset`` (``[Nc, D]``, dataset order), in length order to keep padding small."""
+def map_speech(model: torch.nn.Module, dataset: SpokenCaptionDataset,
+               fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int = 128) -> torch.Tensor:
+    """``fn(wavs [B, T], lengths [B]) -> [B, ...]`` over every caption of ``dataset``, stacked in dataset order.
+
+    Captions are batched in length order (little padding) with the model in eval mode (restored after).
+    """
     was_training = model.training
     model.eval()
     try:
@@ -202,12 +206,18 @@ def embed_speech(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_si
             idx = order[start:start + batch_size]
             wavs = [dataset.waveform(i) for i in idx]
             batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
-            emb = model.encode_speech(batch, torch.tensor([len(w) for w in wavs])).float()
+            out = fn(batch, torch.tensor([len(w) for w in wavs]))  # [B, ...]
             for row, i in enumerate(idx):
-                rows[i] = emb[row]
+                rows[i] = out[row]
     finally:
         model.train(was_training)
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def embed_speech(model: torch.nn.Module, dataset: SpokenCaptionDataset, batch_size: int = 128) -> torch.Tensor:
+    """Embed every caption of ``dataset`` (``[Nc, D]``, dataset order), in length order to keep padding small."""
+    return map_speech(model, dataset, lambda wavs, lens: model.encode_speech(wavs, lens).float(), batch_size)
 
 
 @torch.no_grad()
@@ -399,28 +409,15 @@ def evaluate_keyword_hit_rate(model: torch.nn.Module, dataset: SpokenCaptionData
     row_of = {int(t): r for r, t in enumerate(token_ids.tolist())}
     caption_tokens = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    was_training = model.training
-    model.eval()
-    try:
-        lengths = dataset.num_samples()
-        order = sorted(range(len(dataset)), key=lambda i: lengths[i])
-        rows: list[torch.Tensor] = [None] * len(dataset)  # type: ignore[list-item]
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            wavs = [dataset.waveform(i) for i in idx]
-            batch = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
-            lens = torch.tensor([len(w) for w in wavs])
-            if keywords == "chosen":
-                chosen, _ = model.keyword_ids(batch, lens, top_k=1)  # [B, K, 1] CLIP token ids
-                chosen_rows = torch.tensor([[row_of[int(t)] for t in slots] for slots in chosen[..., 0].tolist()])
-                vectors = table[chosen_rows]  # [B, K, D]
-            else:
-                vectors = model.keyword_embeddings(batch, lens).float().cpu()  # [B, K, D]
-            for row, i in enumerate(idx):
-                rows[i] = vectors[row]
-    finally:
-        model.train(was_training)
-    rates = keyword_hit_rate(torch.stack(rows), candidates, caption_tokens, candidate_ids, top=top_k)
+    def slot_vectors(batch: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        if keywords == "chosen":
+            chosen, _ = model.keyword_ids(batch, lens, top_k=1)  # [B, K, 1] CLIP token ids
+            chosen_rows = torch.tensor([[row_of[int(t)] for t in slots] for slots in chosen[..., 0].tolist()])
+            return table[chosen_rows]  # [B, K, D]
+        return model.keyword_embeddings(batch, lens).float().cpu()  # [B, K, D]
+
+    vectors = map_speech(model, dataset, slot_vectors, batch_size)  # [N, K, D]
+    rates = keyword_hit_rate(vectors, candidates, caption_tokens, candidate_ids, top=top_k)
     return {"per_slot": [float(r) for r in rates], "mean": float(rates.mean()), "top_k": int(top_k),
             "keywords": keywords, "n_captions": len(dataset)}
 
