@@ -186,7 +186,7 @@ class SpokenScenesConfig:
 
 
 PRESETS: dict[str, SpokenScenesConfig] = {
-    # Trains in ~8.5 minutes on 2 CPU cores; evaluated on its 500-image test split. 3,000 training scenes
+    # Trains in ~8 minutes on 2 CPU cores; evaluated on its 500-image test split. 3,000 training scenes
     # rather than 2,000: the compact dual encoder overfits 2,000 (at 1,200 steps, test image→speech R@10
     # 84.6 → 90.4 and speech→image 77.3 → 81.7 with 3,000) for ~70 s more generation.
     "demo": SpokenScenesConfig(num_train=3000, num_val=250, num_test=500),
