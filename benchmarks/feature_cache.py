@@ -101,9 +101,10 @@ def run_epoch(
     start = time.perf_counter()
     for batch in loader:
         with torch.no_grad():  # the tower is frozen either way
-            out = encoder(batch["wavs"], batch["lengths"])
-        pred = head(out.hidden_states, out.lengths)
-        loss = torch.nn.functional.mse_loss(pred, targets[batch["caption_ids"]])
+            # Waveforms (live) or cached tower states (cached): the encoder takes either kind's values.
+            out = encoder(batch.speech.values, batch.speech.lengths)
+        pred = head(out.hidden_states, out.lengths)  # [B, E]
+        loss = torch.nn.functional.mse_loss(pred, targets[batch.caption_ids])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -266,11 +266,12 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Time ``warmup + steps`` training steps of one (size, branch, mode)."""
     from torch.utils.data import DataLoader
 
+    from vgskit.contract import Batch, TrainState
     from vgskit.data.cache import CachedSpokenCaptionDataset, CachedTowers, collate_cached_captions
     from vgskit.data.loader import collate_spoken_captions
     from vgskit.data.manifest import read_manifest
     from vgskit.experiment import make_dataset, prepare_feature_caches
-    from vgskit.train.loop import move_to_device, param_groups_for_decay
+    from vgskit.train.loop import move_to_device
 
     device = torch.device(spec["device"])
     model = build_model(spec, spec["branch"])
@@ -290,7 +291,7 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
         collate = collate_spoken_captions
     model.to(device).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(param_groups_for_decay(model, WEIGHT_DECAY), lr=LR)
+    opt = torch.optim.Adam(model.param_groups(WEIGHT_DECAY), lr=LR)
     amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if spec["amp"] else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
@@ -302,11 +303,12 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
                         persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     stream = forever(loader)
 
-    def step(batch: dict[str, torch.Tensor]) -> float:
+    def step(batch: Batch, index: int) -> float:
         batch = move_to_device(batch, device, non_blocking=True)
+        state = TrainState(step=index, total_steps=spec["warmup"] + spec["steps"])
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(batch)
-        loss = out["loss"]
+            out = model(batch, state)  # StepOutput: one weighted loss per branch
+        loss = out.loss
         if not torch.isfinite(loss.detach()).item():
             raise FloatingPointError(f"loss is not finite: {loss.item()}")
         if scaler is not None:
@@ -336,9 +338,11 @@ def train_job(spec: dict[str, Any]) -> dict[str, Any]:
         batch = next(stream)
         t1 = time.perf_counter()
         if not shapes:
-            shapes = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in batch.items()
-                      if k in ("wavs", "lengths", "pixels")}
-        losses.append(step(batch))
+            # Waveforms and pixels (live), or cached tower states and tower outputs (cache).
+            shapes = {name: [list(v.shape), str(v.dtype).replace("torch.", "")] for name, v in
+                      (("speech", batch.speech.values), ("lengths", batch.speech.lengths), ("image", batch.image.main))}
+            shapes["kinds"] = [batch.speech.kind, batch.image.kind]
+        losses.append(step(batch, i))
         sync(spec["device"])
         t2 = time.perf_counter()
         if i >= spec["warmup"]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
+from vgskit.contract import StepOutput, TrainState
 from vgskit.train import distributed as D
 from vgskit.train.config import TrainConfig
 from vgskit.train.loop import Trainer
@@ -68,19 +69,22 @@ def pair_batches(batch_size: int, n_images: int):
     return factory
 
 
-def tower(d_in: int, dropout: float) -> nn.Module:
-    # LayerNorm, not BatchNorm: batch statistics would differ between a rank's half batch and the full one.
-    return nn.Sequential(nn.Linear(d_in, 16), nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(16), nn.Linear(16, 8))
+def tower(d_in: int, dropout: float, batchnorm: bool = False) -> nn.Module:
+    # LayerNorm by default: BatchNorm statistics differ between a rank's half batch and the full one unless the
+    # trainer freezes them (train.batchnorm: frozen), which the BatchNorm variant checks.
+    norm = [nn.BatchNorm1d(16)] if batchnorm else []
+    return nn.Sequential(nn.Linear(d_in, 16), *norm, nn.GELU(), nn.Dropout(dropout), nn.LayerNorm(16),
+                         nn.Linear(16, 8))
 
 
 class ToyDualEncoder(nn.Module):
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, batchnorm: bool = False):
         super().__init__()
-        self.audio_tower = tower(AUDIO_DIM, dropout)
-        self.image_tower = tower(IMAGE_DIM, dropout)
+        self.audio_tower = tower(AUDIO_DIM, dropout, batchnorm)
+        self.image_tower = tower(IMAGE_DIM, dropout, batchnorm)
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], state: TrainState | None = None) -> StepOutput:
         a = F.normalize(self.audio_tower(batch["audio"]), dim=-1)
         v = F.normalize(self.image_tower(batch["image"]), dim=-1)
         a_all, v_all = D.all_gather_with_grad(a), D.all_gather_with_grad(v)
@@ -92,7 +96,7 @@ class ToyDualEncoder(nn.Module):
         logits = logits.masked_fill(same & ~eye, float("-inf"))
         target = torch.arange(len(ids), device=ids.device)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        return {"loss": loss, "scale": self.logit_scale.detach().exp()}
+        return StepOutput(losses={"infonce": loss}, metrics={"scale": self.logit_scale.detach().exp()})
 
 
 def make_config(out_dir: str | Path, **overrides: Any) -> TrainConfig:
@@ -103,12 +107,14 @@ def make_config(out_dir: str | Path, **overrides: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def run(out_dir: str | Path, **overrides: Any) -> tuple[ToyDualEncoder, dict[str, Any], list[list[int]]]:
+def run(out_dir: str | Path, batchnorm: bool = False, **overrides: Any
+        ) -> tuple[ToyDualEncoder, dict[str, Any], list[list[int]]]:
     """Train the toy model; return it, the fit summary and the dataset indices this rank loaded per step."""
+    mode = overrides.pop("batchnorm_mode", "batch")
     cfg = make_config(out_dir, **{"eval_every": 2, "select_metric": "probe_loss", "select_mode": "min",
-                                  **overrides})
+                                  "batchnorm": mode, **overrides})
     torch.manual_seed(0)
-    model = ToyDualEncoder()
+    model = ToyDualEncoder(batchnorm=batchnorm)
     data = PairData()
     seen: list[list[int]] = []
 
@@ -120,7 +126,7 @@ def run(out_dir: str | Path, **overrides: Any) -> tuple[ToyDualEncoder, dict[str
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         # Calls the full forward, whose gathers must act locally while only the main rank evaluates.
-        return {"probe_loss": m(probe)["loss"].item()}
+        return {"probe_loss": m(probe).loss.item()}
 
     trainer = Trainer(model, cfg, data, recording_collate, evaluate_fn=evaluate,
                       batch_sampler_factory=pair_batches(cfg.batch_size, len(data.images)))
@@ -141,15 +147,24 @@ def first_batch_grads(seed: int = 3, batch_size: int = 8) -> dict[str, torch.Ten
     global_batch = pair_batches(batch_size, len(data.images))(0, seed)[0]
     local = D.split_global_batch(global_batch, D.get_rank(), D.get_world_size())
     wrapped = nn.parallel.DistributedDataParallel(model) if D.is_dist() else model
-    wrapped(collate([data[i] for i in local]))["loss"].backward()
+    wrapped(collate([data[i] for i in local]), TrainState()).loss.backward()
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--batchnorm", default=None, choices=["batch", "frozen"],
+                        help="train the BatchNorm variant with this train.batchnorm mode (weights only)")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.batchnorm is not None:
+        model, _, _ = run(out / "run", batchnorm=True, batchnorm_mode=args.batchnorm)
+        if D.is_main():
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "weights.safetensors"))
+        D.barrier()
+        D.cleanup()
+        return
     grads = first_batch_grads()
     model, summary, seen = run(out / "run")
     rank = D.get_rank()

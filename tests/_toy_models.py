@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgskit.contract import Batch, StepOutput, TrainState
 from vgskit.encoders.pretrained_speech import (
     PretrainedSpeechConfig,
     PretrainedSpeechEncoder,
@@ -118,10 +119,11 @@ class FrozenTowersModel(RetrievalModel):
     def layer_weights(self) -> dict[str, Tensor]:
         return {"parallel": torch.softmax(self.layer_sum.weights.detach(), dim=0)}
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        speech = self.encode_speech(batch["wavs"], batch["lengths"])
-        image = self.encode_image(batch["pixels"])
-        return {"loss": self.loss(speech, image, batch["image_ids"])}
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        # Waveforms or cached tower states / outputs: the default embed_* route both through the towers.
+        speech = self.embed_speech(batch.speech).pooled  # [B, E]
+        image = self.embed_image(batch.image).pooled  # [B, E]
+        return StepOutput(losses={"infonce": self.loss(speech, image, batch.image_ids)})
 
 
 def _word_vector(word: str, dim: int) -> Tensor:
@@ -205,10 +207,10 @@ class ToyTextModel(RetrievalModel):
             out.append(slots)
         return out
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        speech = self.encode_speech(batch["wavs"], batch["lengths"])
-        image = self.encode_image(batch["pixels"])
-        return {"loss": self.loss(speech, image, batch["image_ids"])}
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        speech = self.embed_speech(batch.speech).pooled  # [B, E]
+        image = self.embed_image(batch.image).pooled  # [B, E]
+        return StepOutput(losses={"infonce": self.loss(speech, image, batch.image_ids)})
 
 
 class NoExtrasModel(ToyTextModel):
@@ -219,8 +221,9 @@ class NoExtrasModel(ToyTextModel):
     layer_weights = None  # type: ignore[assignment]
 
     @classmethod
-    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str]) -> dict[str, Any]:
-        return config  # an older signature, without model_name
+    def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str], *,
+                               model_name: str | None = None) -> dict[str, Any]:
+        return config  # needs no transcripts: trains on a corpus without them
 
 
 register_model("test_no_extras")(NoExtrasModel)

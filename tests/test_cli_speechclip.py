@@ -65,13 +65,82 @@ def test_vocabulary_hook_error_names_the_manifest(tiny_manifest, tmp_path) -> No
     assert train_from_recipe(recipe, out_dir=tmp_path / "ok", manifest=str(bare), progress=False)["step"] == 1
 
 
+# matplotlib's default colour cycle: the first branch's bars are C0, the second's C1.
+BAR_COLOURS = ((31, 119, 180), (255, 127, 14))
+
+
+def _bars(png: Path, colour: tuple[int, int, int]) -> list[tuple[float, int]]:
+    """``(centre x, height in pixels)`` of every bar drawn in ``colour``, left to right.
+
+    A bar is a run of columns whose pixels of that colour rise from the common baseline (the lowest row of
+    that colour). Gaps of a few pixels are bridged (the dashed "uniform" line crosses the bars); the legend's
+    patch of the same colour floats above the baseline and is not counted.
+    """
+    with Image.open(png) as img:
+        rgb = np.asarray(img.convert("RGB")).astype(int)
+    mask = np.abs(rgb - np.asarray(colour)).sum(-1) <= 30  # [H, W]
+    if not mask.any():
+        return []
+    base = int(np.nonzero(mask.any(axis=1))[0].max())
+    heights = []
+    for x in range(mask.shape[1]):
+        top, gap, y = None, 0, base
+        while y >= 0 and gap <= 3:
+            top, gap = (y, 0) if mask[y, x] else (top, gap + 1)
+            y -= 1
+        heights.append(0 if top is None else base - top + 1)
+    bars, start = [], None
+    for x, h in enumerate([*heights, 0]):
+        if h and start is None:
+            start = x
+        elif not h and start is not None:
+            bars.append(((start + x - 1) / 2, int(np.median(heights[start:x]))))
+            start = None
+    return bars
+
+
+def _assert_bar_heights(bars: list[tuple[float, int]], weights: list[float]) -> None:
+    """One bar per weight, each as tall as its weight on one common scale (to within 2 pixels)."""
+    assert len(bars) == len(weights), bars
+    heights = np.asarray([h for _, h in bars], dtype=float)
+    values = np.asarray(weights)
+    scale = float(heights @ values / (values @ values))  # pixels per unit of weight
+    assert scale > 100  # bars are tens of pixels tall, so 2 pixels is a small fraction of a difference
+    assert np.abs(heights - scale * values).max() <= 2, (heights, scale * values)
+
+
 def test_plot_layer_weights(tmp_path) -> None:
-    weights = {"parallel": [0.1, 0.2, 0.3, 0.4], "cascaded": [0.25] * 4}
+    weights = {"parallel": [0.1, 0.2, 0.3, 0.4], "cascaded": [0.4, 0.1, 0.3, 0.2]}
     png = plot_layer_weights(weights, tmp_path / "sub" / "w.png", title="test")
     with Image.open(png) as img:
         img.verify()
     with Image.open(png) as img:
         assert img.format == "PNG" and img.size[0] > 100
+    # The bars: their heights follow the weights; each hidden state's bars sit side by side, branch
+    # order within the group, groups left to right by hidden-state index.
+    parallel, cascaded = (_bars(png, colour) for colour in BAR_COLOURS)
+    _assert_bar_heights(parallel, weights["parallel"])
+    _assert_bar_heights(cascaded, weights["cascaded"])
+    for i in range(4):
+        assert parallel[i][0] < cascaded[i][0]
+        if i:
+            assert cascaded[i - 1][0] < parallel[i][0]
+    # A single branch with another number of states.
+    single = plot_layer_weights({"parallel": [0.5, 0.15, 0.35]}, tmp_path / "single.png")
+    _assert_bar_heights(_bars(single, BAR_COLOURS[0]), [0.5, 0.15, 0.35])
+    assert _bars(single, BAR_COLOURS[1]) == []
+
+    # The same weights give the same picture; other weights another one.
+    def pixels(path: Path) -> np.ndarray:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+
+    again = plot_layer_weights(weights, tmp_path / "again.png", title="test")
+    assert np.array_equal(pixels(again), pixels(png))
+    other = plot_layer_weights({**weights, "cascaded": [0.1, 0.4, 0.3, 0.2]}, tmp_path / "other.png",
+                               title="test")
+    assert not np.array_equal(pixels(other), pixels(png))
+
     with pytest.raises(ValueError, match="no branches"):
         plot_layer_weights({}, tmp_path / "x.png")
     with pytest.raises(ValueError, match="non-finite"):

@@ -6,7 +6,9 @@ import json
 import re
 
 import pytest
+import soundfile as sf
 import torch
+from safetensors.torch import load_file
 
 from vgskit.cli import main
 from vgskit.experiment import load_model
@@ -76,14 +78,43 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "bad.jsonl" in out and "line 2: invalid JSON" in out and "missing required field 'audio'" in out
 
 
+HIT_LINE = re.compile(r"^ +(\d+) +(-?\d+\.\d{3}) +(\S+) +(.+)$")  # "  rank  score  id  path"
+
+
 def test_search_cli(demo_run, capsys):
+    queries = json.loads((demo_run / "results.json").read_text())["queries"]
+    audios = [queries[0]["audio"], queries[1]["audio"]]
+    # The index as stored on disk, read without SearchEngine.
+    meta = json.loads((demo_run / "index" / "index.json").read_text())
+    gallery = load_file(str(demo_run / "index" / "index.safetensors"))["image_emb"]
+    ids, paths = meta["image_ids"], meta["image_paths"]
+    assert gallery.shape[0] == len(ids) == 8
+    k = len(ids) - 2
     capsys.readouterr()
-    audio = json.loads((demo_run / "results.json").read_text())["queries"][0]["audio"]
     assert main(["search", "--checkpoint", str(demo_run / "train"), "--index", str(demo_run / "index"),
-                 "-k", "3", audio]) == 0
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("   ")]
-    assert len(lines) == 3
-    assert torch.tensor([float(ln.split()[1]) for ln in lines]).diff().le(0).all()
+                 "-k", str(k), *audios]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(audios) * (k + 1)
+
+    model = load_model(demo_run / "train")
+    for q, audio in enumerate(audios):
+        block = lines[q * (k + 1):(q + 1) * (k + 1)]
+        assert block[0] == f"{audio}:"
+        wav, rate = sf.read(audio, dtype="float32")
+        assert rate == 16000 and wav.ndim == 1
+        with torch.no_grad():
+            query = model.encode_speech(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))[0]
+        scores = gallery @ query  # brute force over the stored embeddings
+        best = scores.sort(descending=True).values
+        printed = [HIT_LINE.match(line) for line in block[1:]]
+        assert all(printed), block
+        for rank, m in enumerate(printed, start=1):
+            item = m.group(3)
+            assert int(m.group(1)) == rank and m.group(4) == paths[ids.index(item)]
+            expected = float(scores[ids.index(item)])
+            assert float(m.group(2)) == pytest.approx(expected, abs=5e-4 + 1e-6)  # printed with 3 decimals
+            assert expected == pytest.approx(float(best[rank - 1]), abs=1e-6)  # the rank-th best score
+        assert len({m.group(3) for m in printed}) == k
 
 
 def test_eval_and_index_cli(demo_run, tiny_manifest, tmp_path, capsys):

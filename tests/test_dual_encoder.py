@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
+from vgskit.contract import Batch, ImageInputs, SpeechInputs, StepOutput, TrainState
 from vgskit.encoders import AudioCNNConfig, AudioCNNEncoder, ImageCNNConfig, ImageCNNEncoder
 from vgskit.errors import ConfigError
 from vgskit.features import LogMelConfig
@@ -76,31 +78,120 @@ def test_image_encoder_shapes_and_per_sample_independence() -> None:
         out = enc(x)
         assert out.tokens.shape == (3, cfg.num_tokens, 24) and cfg.num_tokens == 16
         assert out.pooled.shape == (3, 24)
-        torch.testing.assert_close(enc(x[1:2]).pooled[0], out.pooled[1], atol=1e-5, rtol=1e-5)
+        # Batch of 1 vs batch of 3 runs other convolution kernels, whose float32 rounding differs between
+        # CPUs; in float64 that rounding is ~1e-15, so any visible difference is a leak between samples.
+        enc64, x64 = enc.double(), x.double()
+        torch.testing.assert_close(enc64(x64[1:2]).pooled[0], enc64(x64).pooled[1], atol=1e-9, rtol=0)
 
 
 def test_padding_does_not_change_speech_embedding() -> None:
     torch.manual_seed(0)
-    model = create_model("dual_encoder_tiny").eval()
+    # float64: other batch shapes run other kernels, whose float32 rounding differs between CPUs; in float64
+    # it is ~1e-15, so any visible difference is padding leaking into the embedding.
+    model = create_model("dual_encoder_tiny").double().eval()
     _activate_residual_branches(model)
     batch = _batch()
+    wavs = batch["wavs"].double()
     with torch.no_grad():
-        emb = model.encode_speech(batch["wavs"], batch["lengths"])
-        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb)))
+        emb = model.encode_speech(wavs, batch["lengths"])
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(len(emb), dtype=torch.float64))
         for b in (0, 3):
             n = int(batch["lengths"][b])
-            alone = model.encode_speech(batch["wavs"][b : b + 1, :n], batch["lengths"][b : b + 1])
-            torch.testing.assert_close(alone[0], emb[b], atol=1e-5, rtol=0)
-            padded = torch.cat([batch["wavs"][b : b + 1, :n], torch.zeros(1, 7777)], dim=1)
-            torch.testing.assert_close(model.encode_speech(padded, batch["lengths"][b : b + 1])[0], emb[b], atol=1e-5, rtol=0)
+            alone = model.encode_speech(wavs[b : b + 1, :n], batch["lengths"][b : b + 1])
+            torch.testing.assert_close(alone[0], emb[b], atol=1e-9, rtol=0)
+            padded = torch.cat([wavs[b : b + 1, :n], torch.zeros(1, 7777, dtype=torch.float64)], dim=1)
+            torch.testing.assert_close(model.encode_speech(padded, batch["lengths"][b : b + 1])[0], emb[b],
+                                       atol=1e-9, rtol=0)
+
+
+def _masked_infonce_reference(speech: torch.Tensor, image: torch.Tensor, image_ids: list[int], scale: float,
+                              mask_same_image: bool = True) -> float:
+    """Symmetric InfoNCE written out term by term in float64, independently of ``vgskit.losses``.
+
+    ``speech [N, D]`` are the caption embeddings, ``image [N, D]`` the embedding of each caption's image
+    (rows of one image are equal) and ``image_ids`` the image of every caption. Speech→image: each caption
+    against the distinct images. Image→speech: each caption's image against its caption and the captions of
+    *other* images (the other captions of the same image are left out, unless ``mask_same_image`` is off).
+    """
+    s, v = speech.double(), image.double()
+    n = len(image_ids)
+    distinct = list(dict.fromkeys(image_ids))
+    column = {g: image_ids.index(g) for g in distinct}  # a row holding that image's embedding
+    logit = [[scale * float(s[i] @ v[k]) for k in range(n)] for i in range(n)]  # caption i vs image of row k
+    s2i, i2s = [], []
+    for i, g in enumerate(image_ids):
+        positive = logit[i][column[g]]
+        s2i.append(math.log(sum(math.exp(logit[i][column[h]]) for h in distinct)) - positive)
+        others = [logit[k][column[g]] for k in range(n)
+                  if k != i and (image_ids[k] != g or not mask_same_image)]
+        i2s.append(math.log(math.exp(positive) + sum(math.exp(x) for x in others)) - positive)
+    return 0.5 * (sum(s2i) / n + sum(i2s) / n)
+
+
+def _as_batch(batch: dict[str, torch.Tensor]) -> Batch:
+    """The typed training batch of the model contract, from the plain tensors this file builds."""
+    return Batch(speech=SpeechInputs.waveform(batch["wavs"], batch["lengths"]),
+                 image=ImageInputs.from_pixels(batch["pixels"]), image_ids=batch["image_ids"],
+                 caption_ids=torch.arange(len(batch["lengths"])))
+
+
+def _loss_and_logged_scale(model: DualEncoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one step and the 1/τ it logs (one named loss, ``infonce``; metric ``logit_scale``)."""
+    out = model(_as_batch(batch), TrainState())
+    assert isinstance(out, StepOutput) and list(out.losses) == ["infonce"]
+    return out.loss, out.metrics["logit_scale"]
+
+
+def _embeddings(model: DualEncoder, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption embeddings ``[N, E]`` and the embedding of each caption's image ``[N, E]``; each distinct image
+    is encoded once (first caption of each id, ids ascending), the batch shapes a training step uses."""
+    ids = batch["image_ids"].tolist()
+    distinct = sorted(set(ids))
+    with torch.no_grad():
+        speech = model.encode_speech(batch["wavs"], batch["lengths"])
+        image = model.encode_image(batch["pixels"][[ids.index(g) for g in distinct]])
+    return speech, image[[distinct.index(g) for g in ids]]
+
+
+def _shuffled_batch() -> dict[str, torch.Tensor]:
+    """``_batch()`` with its rows shuffled (same-image captions apart) and image ids that are not 0..M-1."""
+    batch = _batch()
+    order = torch.randperm(len(batch["lengths"]), generator=torch.Generator().manual_seed(5))
+    shuffled = {k: v[order] for k, v in batch.items()}
+    shuffled["image_ids"] = shuffled["image_ids"] * 7 + 3
+    return shuffled
 
 
 def test_forward_returns_loss_and_scalars() -> None:
-    model = create_model("dual_encoder_tiny")
-    out = model(_batch())
-    assert out["loss"].ndim == 0 and out["loss"].requires_grad
-    assert out["logit_scale"].item() == pytest.approx(1 / 0.07, rel=1e-4)
-    assert model.encode_image(_batch()["pixels"]).shape == (8, model.embed_dim)
+    torch.manual_seed(0)
+    model = create_model("dual_encoder_tiny").eval()  # the loss is the same in both modes (no dropout)
+    batch = _shuffled_batch()
+    ids = batch["image_ids"].tolist()
+    assert len(set(ids)) < len(ids) and ids != sorted(ids)
+    for temperature in (0.05, 0.2):
+        with torch.no_grad():
+            model.loss.logit_scale.fill_(math.log(1 / temperature))
+        loss, logged = _loss_and_logged_scale(model, batch)
+        assert loss.ndim == 0 and loss.requires_grad
+        assert logged.item() == pytest.approx(1 / temperature, rel=1e-6)  # the logged 1/τ
+        speech, image = _embeddings(model, batch)
+        assert image.shape == (8, model.embed_dim)
+        want = _masked_infonce_reference(speech, image, ids, 1 / temperature)
+        unmasked = _masked_infonce_reference(speech, image, ids, 1 / temperature, mask_same_image=False)
+        # Tolerance: logits are dot products of unit vectors (D = 32) times 1/τ <= 20; float32 rounding of
+        # the D-term dot products and of the scaling moves each logit by at most ~(D + 2)·eps·(1/τ) ≈ 1e-4,
+        # and the loss, a mean of logsumexp differences, by about as much. A lost mask changes it far more.
+        assert loss.item() == pytest.approx(want, abs=1e-4)
+        assert abs(unmasked - want) > 1e-2
+    # 1/τ above max_logit_scale is clamped, in the loss and in the logged value.
+    with torch.no_grad():
+        model.loss.logit_scale.fill_(math.log(2 * model.config.max_logit_scale))
+    loss, logged = _loss_and_logged_scale(model, batch)
+    assert logged.item() == pytest.approx(model.config.max_logit_scale, rel=1e-6)
+    speech, image = _embeddings(model, batch)
+    # At 1/τ = 100 the same rounding argument gives ~(D + 2)·eps·100 ≈ 5e-4.
+    assert loss.item() == pytest.approx(
+        _masked_infonce_reference(speech, image, ids, model.config.max_logit_scale), abs=5e-4)
 
 
 def test_registry_names_and_errors() -> None:
@@ -136,7 +227,7 @@ def test_save_load_roundtrip_gives_identical_outputs(tmp_path) -> None:
             atol=0, rtol=0,
         )
         torch.testing.assert_close(loaded.encode_image(batch["pixels"]), model.encode_image(batch["pixels"]), atol=0, rtol=0)
-        assert loaded(batch)["loss"].item() == model(batch)["loss"].item()
+        assert loaded(_as_batch(batch)).loss.item() == model(_as_batch(batch)).loss.item()
     rebuilt = create_model_from_config({**description, "train": {"lr": 1e-3}, "extra": {}})  # trainer layout
     assert rebuilt.config == model.config
     transform = image_transform_of(loaded)
@@ -164,7 +255,7 @@ def test_tiny_model_overfits_a_small_batch(one_thread) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(50):
-        loss = model(batch)["loss"]
+        loss = model(_as_batch(batch)).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -174,20 +265,22 @@ def test_tiny_model_overfits_a_small_batch(one_thread) -> None:
 
 def test_audio_context_layers_keep_padding_invariance_and_use_order() -> None:
     torch.manual_seed(0)
+    # float64, as in test_padding_does_not_change_speech_embedding: only a leak can show at 1e-9.
     model = create_model("dual_encoder_tiny", audio_context_layers=1, audio_context_heads=2,
-                         audio_context_ffn=32).eval()
+                         audio_context_ffn=32).double().eval()
     _activate_residual_branches(model)
     batch = _batch()
+    wavs = batch["wavs"].double()
     with torch.no_grad():
-        emb = model.encode_speech(batch["wavs"], batch["lengths"])
+        emb = model.encode_speech(wavs, batch["lengths"])
         for b in (0, 3):
             n = int(batch["lengths"][b])
-            alone = model.encode_speech(batch["wavs"][b : b + 1, :n], batch["lengths"][b : b + 1])
-            torch.testing.assert_close(alone[0], emb[b], atol=1e-5, rtol=0)
+            alone = model.encode_speech(wavs[b : b + 1, :n], batch["lengths"][b : b + 1])
+            torch.testing.assert_close(alone[0], emb[b], atol=1e-9, rtol=0)
         # With positions, swapping the two halves of an utterance changes the embedding; mean pooling of a
         # position-free encoder over the same frames would be nearly blind to that.
         n = int(batch["lengths"][0]) // 2 * 2
-        wav = batch["wavs"][0, :n]
+        wav = wavs[0, :n]
         swapped = torch.cat([wav[n // 2 :], wav[: n // 2]])[None]
         lengths = torch.tensor([n])
         assert (model.encode_speech(wav[None], lengths) - model.encode_speech(swapped, lengths)).abs().max() > 1e-3

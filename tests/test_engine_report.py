@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from vgskit.errors import VGSKitError
@@ -14,32 +16,80 @@ from vgskit.models.registry import create_model
 from vgskit.report import write_report
 from vgskit.retrieval.engine import SearchEngine
 
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
 
 @pytest.fixture
 def images(tmp_path):
     paths = []
-    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+    for i, colour in enumerate(COLOURS):
         p = tmp_path / f"img{i}.png"
         Image.new("RGB", (40, 30), colour).save(p)
         paths.append(str(p))
     return paths
 
 
+def _solid_pixels(model, colours) -> torch.Tensor:
+    """Normalised pixels ``[N, 3, S, S]`` of solid-colour images, built by hand: resizing a solid image (any
+    mode, any filter) leaves every pixel at its colour, so only the model's size, mean and std matter."""
+    t = model.image_transform
+    rgb = torch.tensor(colours, dtype=torch.float32) / 255.0  # [N, 3]
+    x = (rgb - torch.tensor(t["mean"])) / torch.tensor(t["std"])
+    return x[:, :, None, None].expand(-1, -1, t["size"], t["size"]).contiguous()
+
+
+def _gallery_around(query: torch.Tensor, cosines: list[float], seed: int = 1) -> torch.Tensor:
+    """Unit vectors whose dot products with the unit vector ``query`` are exactly ``cosines`` (up to rounding)."""
+    other = torch.randn(query.shape[0], generator=torch.Generator().manual_seed(seed))
+    other = F.normalize(other - (other @ query) * query, dim=0)  # orthogonal to the query
+    return torch.stack([c * query + math.sqrt(1.0 - c * c) * other for c in cosines])
+
+
 def test_engine_build_save_load_and_search(images, tmp_path):
     torch.manual_seed(0)
-    model = create_model("dual_encoder_tiny")
+    model = create_model("dual_encoder_tiny").eval()
     engine = SearchEngine.build(model, images, ["r", "g", "b"])
-    assert engine.image_emb.shape[0] == 3
-    assert torch.allclose(engine.image_emb.norm(dim=1), torch.ones(3), atol=1e-5)
+    # Each id holds its own image's embedding, computed here from hand-made pixels (same batch of three:
+    # same kernels; the inputs differ at most by the rounding of the normalisation).
+    with torch.no_grad():
+        expected = model.encode_image(_solid_pixels(model, COLOURS))
+    torch.testing.assert_close(engine.image_emb, expected, atol=1e-5, rtol=0)
+    assert min(float((expected[i] - expected[j]).abs().max()) for i in range(3) for j in range(i)) > 1e-3
+    assert engine.image_ids == ["r", "g", "b"] and engine.image_paths == images
     engine.save(tmp_path / "index")
     again = SearchEngine.load(tmp_path / "index", model)
     assert torch.equal(again.image_emb, engine.image_emb) and again.image_ids == ["r", "g", "b"]
+    assert again.image_paths == images
 
     wav = np.sin(np.linspace(0, 2000, 16000)).astype(np.float32) * 0.3
+    with torch.no_grad():  # the query embedding, straight from the model
+        query = model.encode_speech(torch.from_numpy(wav)[None], torch.tensor([len(wav)]))[0]
+    scores = expected @ query  # brute force
+    order = sorted(range(3), key=lambda i: -float(scores[i]))
+    assert min(abs(float(scores[i] - scores[j])) for i in range(3) for j in range(i)) > 1e-4  # no near-ties
     hits = again.search_by_waveform(wav, k=5)  # more than the gallery holds: all 3, best first
     assert [h.rank for h in hits] == [1, 2, 3]
-    expected = engine.image_emb @ again.embed_audio(wav)
-    assert [h.item_id for h in hits] == [["r", "g", "b"][i] for i in expected.argsort(descending=True)]
+    assert [h.item_id for h in hits] == [["r", "g", "b"][i] for i in order]
+    assert [h.path for h in hits] == [images[i] for i in order]
+    assert [h.score for h in hits] == pytest.approx([float(scores[i]) for i in order], abs=1e-5)
+
+    # A gallery whose answer is known by construction: item i scores cosines[i] against the query.
+    cosines = [0.2, -0.6, 0.9, 0.5, -0.1, 0.75]
+    ids = [f"item{i}" for i in range(len(cosines))]
+    paths = [f"/gallery/{i}.png" for i in ids]
+    gallery = _gallery_around(query, cosines)
+    SearchEngine(model, gallery, ids, paths).save(tmp_path / "built")
+    loaded = SearchEngine.load(tmp_path / "built", model)
+    for i, item in enumerate(ids):  # ids, paths and embedding rows still belong together
+        row = loaded.image_ids.index(item)
+        assert loaded.image_paths[row] == paths[i] and torch.equal(loaded.image_emb[row], gallery[i])
+    hits = loaded.search_by_waveform(wav, k=4)
+    assert [h.item_id for h in hits] == ["item2", "item5", "item3", "item0"]
+    assert [h.path for h in hits] == ["/gallery/item2.png", "/gallery/item5.png", "/gallery/item3.png",
+                                      "/gallery/item0.png"]
+    assert [h.score for h in hits] == pytest.approx([0.9, 0.75, 0.5, 0.2], abs=1e-5)
+    assert [h.item_id for h in loaded.search_by_waveform(wav, k=1)] == ["item2"]
+
     with pytest.raises(VGSKitError, match="k must be >= 1"):
         again.search_by_waveform(wav, k=0)
     with pytest.raises(VGSKitError, match="too short"):

@@ -230,7 +230,9 @@ def test_training_reads_cache_transparently(tmp_path: Path, tower, image_tower, 
     enc = CachedSpeechEncoder(cache)
     assert (enc.width, enc.frame_rate, enc.num_hidden_states) == (32, 200.0, 3)
     batch = collate_cached_captions([ds[i] for i in range(len(wavs))])
-    cached = enc(batch["wavs"], batch["lengths"])
+    assert (batch.speech.kind, batch.speech.unit, batch.speech.rate) == ("tower_states", "frames", 200.0)
+    assert batch.image.kind == "tower_outputs"
+    cached = enc(batch.speech.values, batch.speech.lengths)
 
     live_batch = [base.waveform(i) for i in range(len(wavs))]
     lengths = torch.tensor([len(w) for w in live_batch])
@@ -248,7 +250,7 @@ def test_training_reads_cache_transparently(tmp_path: Path, tower, image_tower, 
 
     from vgskit.images import load_image
 
-    img_out = CachedImageEncoder(image_cache)(batch["pixels"])
+    img_out = CachedImageEncoder(image_cache)(batch.image.tower_outputs)
     pixels = torch.stack([image_tower.transform(load_image(images[i // 2])) for i in range(len(wavs))])
     with torch.no_grad():
         want = image_tower(pixels)

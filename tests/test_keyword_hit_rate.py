@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vgskit.metrics import keyword_hit_rate
+from vgskit.models.speechclip.metrics import keyword_hit_rate
 
 
 def _brute(keywords, vocabulary, caption_tokens, ids, top):

@@ -62,12 +62,15 @@ def test_max_seconds_crops(records) -> None:
 def test_collate_pads_to_multiple(records) -> None:
     ds = SpokenCaptionDataset(records, image_size=16, preload=True, progress=False)
     batch = collate_spoken_captions([ds[i] for i in (0, 3, 4)], pad_multiple=1024)
-    assert batch["wavs"].shape == (3, 5120)  # 5000 rounded up to a multiple of 1024
-    assert batch["lengths"].tolist() == [3000, 4100, 5000]
-    assert batch["image_ids"].tolist() == [0, 1, 2] and batch["caption_ids"].tolist() == [0, 3, 4]
-    assert batch["pixels"].shape == (3, 3, 16, 16)
-    assert batch["wavs"][0, 3000:].abs().max() == 0 and batch["wavs"][0, :3000].abs().max() > 0
-    torch.testing.assert_close(batch["wavs"][1, :4100], ds[3]["wav"])
+    wavs = batch.speech.values
+    assert batch.speech.kind == "waveform" and batch.speech.unit == "samples"
+    assert wavs.shape == (3, 5120)  # 5000 rounded up to a multiple of 1024
+    assert batch.speech.lengths.tolist() == [3000, 4100, 5000]
+    assert batch.image_ids.tolist() == [0, 1, 2] and batch.caption_ids.tolist() == [0, 3, 4]
+    assert batch.image.kind == "pixels" and batch.image.pixels.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(batch.image.pixels[1], ds.pixels(1))
+    assert wavs[0, 3000:].abs().max() == 0 and wavs[0, :3000].abs().max() > 0
+    torch.testing.assert_close(wavs[1, :4100], ds[3]["wav"])
 
 
 def _caption_images(n_images: int = 40, caps: int = 5) -> list[int]:
@@ -120,3 +123,34 @@ def test_num_batches_matches_sampler() -> None:
 def test_sampler_rejects_bad_batch_size() -> None:
     with pytest.raises(ConfigError, match="multiple"):
         paired_batch_sampler(_caption_images(), batch_size=7, captions_per_image=2)
+
+
+def test_train_items_are_augmented_per_epoch_and_evaluation_is_not(records) -> None:
+    from vgskit.data.augment import AugmentConfig, augment_image, augment_rng
+
+    cfg = AugmentConfig(kind="crop_flip", scale=(0.3, 0.6))
+    ds = SpokenCaptionDataset(records, image_size=16, preload=True, progress=False, augment=cfg, crop_seed=4)
+    plain = SpokenCaptionDataset(records, image_size=16, preload=True, progress=False)
+    # Evaluation pixels are the deterministic transform, the same as without augmentation.
+    torch.testing.assert_close(ds.pixels(1), plain.pixels(1), rtol=0, atol=0)
+    # A training item carries this epoch's window of its own caption index: recomputed independently here.
+    arr = plain._images[ds.caption_image_index[3]]
+    ds.set_epoch(2)
+    want = augment_image(arr, cfg, augment_rng(4, 2, 3))
+    want_t = (torch.tensor(want).permute(2, 0, 1).float() / 255.0 - ds.mean) / ds.std
+    torch.testing.assert_close(ds[3]["pixels"], want_t, rtol=0, atol=0)
+    assert not torch.equal(ds[3]["pixels"], plain[3]["pixels"])
+    ds.set_epoch(3)
+    assert not torch.equal(ds[3]["pixels"], want_t)  # a new window every epoch
+
+
+def test_items_carry_requested_extra_fields(records) -> None:
+    import dataclasses
+
+    words = [[["a", 0.0, 0.1]], None, [["red", 0.1, 0.3], ["bag", 0.3, 0.5]], [], None, [["x", 0, 1]]]
+    base = [dataclasses.replace(r, extra={"words": w} if w is not None else {"asr": "hi"})
+            for r, w in zip(records, words, strict=True)]
+    ds = SpokenCaptionDataset(base, image_size=8, progress=False, extra_fields=("words",))
+    batch = collate_spoken_captions([ds[i] for i in (0, 1, 2)])
+    assert batch.extras == {"words": words[:3]}  # a record without the field carries None
+    assert "extras" not in SpokenCaptionDataset(base, image_size=8, progress=False)[0]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vgskit.data.manifest import (
+    SCHEMA_FIELDS,
     Record,
     filter_split,
     image_index,
@@ -16,7 +19,7 @@ from vgskit.data.manifest import (
     summarize,
     write_manifest,
 )
-from vgskit.errors import ManifestError
+from vgskit.errors import ConfigError, ManifestError
 
 
 def _line(cid: str, audio: str, image: str, image_id: str, split: str = "train", **extra: object) -> dict:
@@ -237,3 +240,123 @@ def test_summarize_counts() -> None:
     assert s["images_in_several_splits"] == 1  # b is in train and test
     json.dumps(s)  # ready for `vgskit data check --json`
     assert summarize([])["captions"] == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extra fields
+# ---------------------------------------------------------------------------------------------------------------
+
+_WORDS = [{"word": "dog", "start": 0.25, "end": 0.61}, {"word": "beach", "start": 1.0, "end": 1.5}]
+_BOXES = {"boxes": [[0, 0, 10, 20], [5, 5, 7, 7]], "traces": {"t": [0.5, None, True], "empty": {}}}
+
+
+def test_unknown_fields_are_kept_with_their_values(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.wav", "b.wav", "a.jpg")
+    path = _write_lines(
+        tmp_path / "m.jsonl",
+        [
+            _line("c1", "a.wav", "a.jpg", "a", text="a dog", words=_WORDS, asr="a dog on the beach",
+                  narrative=_BOXES, confidence=0.5, n=3, flag=False, nothing=None),
+            _line("c2", "b.wav", "a.jpg", "a"),
+        ],
+    )
+    c1, c2 = read_manifest(path)
+    assert c1.text == "a dog"  # schema fields still go to their attributes ...
+    assert dict(c1.extra) == {  # ... and every other field is kept, value for value, in line order
+        "words": _WORDS, "asr": "a dog on the beach", "narrative": _BOXES,
+        "confidence": 0.5, "n": 3, "flag": False, "nothing": None,
+    }
+    assert list(c1.extra) == ["words", "asr", "narrative", "confidence", "n", "flag", "nothing"]
+    assert c1.extra.get("words") == _WORDS and c1.extra.get("absent") is None  # what the datasets call
+    assert not set(c1.extra) & set(SCHEMA_FIELDS)
+    assert c2.extra == {} and not c2.extra
+
+
+def test_nested_extras_round_trip_through_write_and_read(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.wav", "b.wav", "a.jpg", "b.jpg")
+    records = [
+        Record("c1", str(tmp_path / "a.wav"), str(tmp_path / "a.jpg"), "a", "train", "a dog", "s1",
+               extra={"words": _WORDS, "narrative": _BOXES, "asr": "ein hund", "extra": {"a field": "named extra"}}),
+        Record("c2", str(tmp_path / "b.wav"), str(tmp_path / "b.jpg"), "b", "test"),
+    ]
+    out = write_manifest(records, tmp_path / "out" / "m.jsonl")
+    lines = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert lines[0]["words"] == _WORDS and lines[0]["narrative"] == _BOXES  # at the top level, not nested
+    assert lines[0]["extra"] == {"a field": "named extra"}  # a corpus field that happens to be called "extra"
+    assert "extra" not in lines[1]
+    assert list(lines[1]) == list(SCHEMA_FIELDS)
+    back = read_manifest(out)
+    assert back == records
+    assert back[0].extra == records[0].extra and back[0].extra["narrative"]["traces"]["t"] == [0.5, None, True]
+    assert [r.to_json() for r in back] == [r.to_json() for r in records]
+    assert Record.from_json(records[0].to_json()) == records[0]  # the dict-level inverse too
+
+
+def test_records_compare_by_content_and_stay_hashable() -> None:
+    a = Record("c", "/a.wav", "/a.jpg", "a", "train", extra={"words": [{"w": "x"}], "asr": "x"})
+    b = Record("c", "/a.wav", "/a.jpg", "a", "train", extra={"asr": "x", "words": [{"w": "x"}]})
+    other = Record("c", "/a.wav", "/a.jpg", "a", "train", extra={"asr": "y", "words": [{"w": "x"}]})
+    plain = Record("c", "/a.wav", "/a.jpg", "a", "train")
+    assert a == b and hash(a) == hash(b)  # equal content, built separately, in another key order
+    assert a != other and a != plain
+    assert len({a, b, other, plain}) == 3 and {a: 1}[b] == 1  # lists inside extras do not break hashing
+    assert plain.extra == {} and Record("c", "/a.wav", "/a.jpg", "a", "train", extra={}) == plain
+    assert pickle.loads(pickle.dumps(a)) == a  # records reach loader workers and spawned processes by pickle
+    moved = dataclasses.replace(a, split="test")
+    assert moved.split == "test" and moved.extra == a.extra
+    assert dataclasses.replace(a, extra={}) == plain
+
+
+def test_extras_cannot_be_changed_in_place() -> None:
+    source = {"asr": "x"}
+    rec = Record("c", "/a.wav", "/a.jpg", "a", "train", extra=source)
+    source["asr"] = "changed"  # the record keeps its own copy
+    assert rec.extra == {"asr": "x"}
+    with pytest.raises(TypeError, match="read-only"):
+        rec.extra["asr"] = "y"  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        rec.extra.update(asr="y")  # type: ignore[attr-defined]
+    assert rec.extra == {"asr": "x"}
+
+
+def test_an_extra_field_cannot_shadow_a_schema_field() -> None:
+    with pytest.raises(ConfigError, match=r"Record 'c': extra field 'text' is a schema field"):
+        Record("c", "/a.wav", "/a.jpg", "a", "train", extra={"text": "hidden"})
+    with pytest.raises(ConfigError, match="extra field names must be strings"):
+        Record("c", "/a.wav", "/a.jpg", "a", "train", extra={1: "x"})
+    with pytest.raises(ConfigError, match="extra must be a mapping"):
+        Record("c", "/a.wav", "/a.jpg", "a", "train", extra=[("asr", "x")])  # type: ignore[arg-type]
+
+
+def test_a_value_json_cannot_encode_is_rejected_when_writing(tmp_path: Path) -> None:
+    good = Record("c1", "/a.wav", "/a.jpg", "a", "train", extra={"asr": "x"})
+    bad = Record("c2", "/b.wav", "/a.jpg", "a", "train", extra={"asr": "y", "score": np.float32(0.5)})
+    target = write_manifest([good], tmp_path / "m.jsonl")
+    before = target.read_bytes()
+    with pytest.raises(ManifestError, match="cannot write") as info:
+        write_manifest([good, bad], target)
+    assert info.value.path == str(target)
+    assert info.value.problems == [
+        "caption 'c2': extra field 'score' is not JSON-serialisable (Object of type float32 is not JSON serializable)"
+    ]
+    assert target.read_bytes() == before  # the old manifest is untouched ...
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # ... and no temporary file is left
+
+
+def test_schema_field_validation_is_unchanged_by_extras(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.wav", "a.jpg")
+    path = _write_lines(
+        tmp_path / "m.jsonl",
+        [
+            _line("c1", "a.wav", "a.jpg", "a", text=["not", "a", "string"], words=_WORDS),
+            _line("c2", "a.wav", "a.jpg", "a", speaker=7, extra={"nested": 1}),
+            {**_line("c3", "a.wav", "a.jpg", "a", asr="x"), "split": None},
+        ],
+    )
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    assert info.value.problems == [
+        "line 1: 'text' must be a string or null, got list ['not', 'a', 'string']",
+        "line 2: 'speaker' must be a string or null, got int 7",
+        "line 3: missing required field 'split'",
+    ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,22 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("which", ["hubert", "w2v"])
 def test_matches_transformers_forward(which: str, request: pytest.FixtureRequest) -> None:
     folder, ref = request.getfixturevalue(f"{which}_dir")
-    enc = PretrainedSpeechEncoder(PretrainedSpeechConfig(str(folder), freeze=True))
+    # float64: our batched pass and transformers' single-utterance one run other kernels (batch shapes,
+    # per-utterance CNN), whose float32 rounding differs between CPUs; in float64 it is ~1e-15.
+    enc = PretrainedSpeechEncoder(PretrainedSpeechConfig(str(folder), freeze=True)).double()
+    ref = copy.deepcopy(ref).double()  # the fixture's model stays float32 for the other tests
     wavs, lengths = _batch()
+    wavs = wavs.double()
     out = enc(wavs, lengths)
     inp = normalize_waveforms(wavs[:1], lengths[:1]) if enc.preprocessing.normalize else wavs[:1]
     with torch.no_grad():
         want = ref(inp, output_hidden_states=True)
     assert out.frame_rate == 200.0 and out.lengths.tolist() == [49, 31]
     assert len(out.hidden_states) == enc.num_hidden_states == 4
-    torch.testing.assert_close(out.last_hidden_state[:1], want.last_hidden_state, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.last_hidden_state[:1], want.last_hidden_state, atol=1e-9, rtol=0)
     # Intermediate states follow transformers' convention (its last entry may skip the final pre-norm LN).
     for mine, theirs in zip(out.hidden_states[:-1], want.hidden_states[:-1], strict=True):
-        torch.testing.assert_close(mine[:1], theirs, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(mine[:1], theirs, atol=1e-9, rtol=0)
     assert out.last_hidden_state[1, 31:].abs().max() == 0  # padding zeroed
 
 
@@ -76,13 +81,16 @@ def test_preprocessing_travels_with_weights(hubert_dir, w2v_dir) -> None:
 @pytest.mark.parametrize("which", ["hubert", "w2v"])
 def test_padding_invariance(which: str, request: pytest.FixtureRequest) -> None:
     folder, _ = request.getfixturevalue(f"{which}_dir")
-    enc = PretrainedSpeechEncoder(PretrainedSpeechConfig(str(folder), freeze=True, cls_position="after_pos_conv"))
+    # float64, as in test_matches_transformers_forward: only padding leaking in can show at 1e-9.
+    enc = PretrainedSpeechEncoder(
+        PretrainedSpeechConfig(str(folder), freeze=True, cls_position="after_pos_conv")).double()
     wavs, lengths = _batch()
+    wavs = wavs.double()
     batched = enc(wavs, lengths)
     alone = enc(wavs[1:, :2500], lengths[1:])
     n = int(alone.lengths[0])
-    torch.testing.assert_close(batched.last_hidden_state[1, :n], alone.last_hidden_state[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(batched.cls[1], alone.cls[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched.last_hidden_state[1, :n], alone.last_hidden_state[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(batched.cls[1], alone.cls[0], atol=1e-9, rtol=0)
 
 
 def test_group_norm_cnn_needs_per_utterance_pass(hubert_dir) -> None:

@@ -3,7 +3,9 @@ preloading, cropped lengths for bucketing, and the data.train_crop recipe option
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +15,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from vgskit.contract import Batch, StepOutput, TrainState
 from vgskit.data.loader import (
+    CROP_STREAM,
     SpokenCaptionDataset,
     collate_spoken_captions,
     paired_batch_sampler_factory,
 )
-from vgskit.data.manifest import Record
+from vgskit.data.manifest import Record, read_manifest
 from vgskit.errors import ConfigError
 from vgskit.experiment import DataConfig, data_config_from, load_model, train_from_recipe
+from vgskit.models.dual_encoder import DualEncoder
+from vgskit.models.registry import model_config, register_model
 
 LENGTHS = (3000, 8000, 12000, 1200, 9000, 16000)  # samples; 1200 is shorter than the window
 WINDOW = 0.25  # seconds = 4000 samples
@@ -99,7 +105,7 @@ def _epoch_batches(ds: SpokenCaptionDataset, num_workers: int, epoch: int, seed:
                                            on_epoch=ds.set_epoch)
     batches = factory(epoch, seed)  # what the trainer does: the factory first, then the epoch's loader
     loader = DataLoader(ds, batch_sampler=batches, collate_fn=collate_spoken_captions, num_workers=num_workers)
-    return [b["wavs"] for b in loader]
+    return [b.speech.values for b in loader]
 
 
 def test_workers_see_the_epoch_the_sampler_set(records) -> None:
@@ -124,12 +130,66 @@ def test_crop_option_is_validated() -> None:
         SpokenCaptionDataset([Record("c", "a.wav", "i.png", "i", "train")], crop="tail")  # type: ignore[arg-type]
 
 
+class _CropRecorder(DualEncoder):
+    """The tiny dual encoder, recording the caption ids and waveform windows of every training batch."""
+
+    batches: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        ids, wavs, lengths = batch.caption_ids, batch.speech.values, batch.speech.lengths
+        type(self).batches.append((ids.tolist(), wavs.detach().cpu().clone(), lengths.cpu().clone()))
+        return super().step(batch, state)
+
+
+register_model("test_crop_recorder", config=copy.deepcopy(model_config("dual_encoder_tiny")))(_CropRecorder)
+
+
+def _batches_per_epoch(records: list[Record], batch_size: int, captions_per_image: int) -> int:
+    """Paired batches per epoch: round r takes a group of captions from every image with enough left."""
+    per_image = Counter(r.image_id for r in records)
+    images_per_batch = batch_size // captions_per_image
+    rounds = max(per_image.values()) // captions_per_image
+    return sum(sum(n >= (r + 1) * captions_per_image for n in per_image.values()) // images_per_batch
+               for r in range(rounds))
+
+
 def test_recipe_trains_with_random_crops(tiny_manifest, tmp_path) -> None:
-    summary = train_from_recipe("demo_tiny", out_dir=tmp_path / "run", manifest=str(tiny_manifest),
-                                overrides=["data.train_crop=random", "data.train_max_seconds=1.5",
-                                           "train.max_steps=2", "train.eval_every=null"], progress=False)
-    assert summary["step"] == 2
+    seed, seconds, batch_size, captions_per_image, epochs = 5, 1.5, 16, 2, 3
+    window = int(seconds * 16000)
+    records = read_manifest(tiny_manifest, split="train")  # the training set's caption order
+    per_epoch = _batches_per_epoch(records, batch_size, captions_per_image)
+    _CropRecorder.batches = []
+    summary = train_from_recipe(
+        "demo_tiny", out_dir=tmp_path / "run", manifest=str(tiny_manifest), progress=False,
+        overrides=["model.name=test_crop_recorder", "data.train_crop=random", f"data.train_max_seconds={seconds}",
+                   f"data.captions_per_image={captions_per_image}", f"train.batch_size={batch_size}",
+                   f"train.seed={seed}", f"train.max_steps={epochs * per_epoch}", "train.eval_every=null"])
+    assert summary["step"] == epochs * per_epoch == len(_CropRecorder.batches)
+
+    full = [torch.from_numpy(sf.read(r.audio, dtype="float32")[0]) for r in records]
+    assert min(len(w) for w in full) > window  # every caption is cropped
+    offsets: dict[tuple[int, int], int] = {}
+    for step, (caption_ids, wavs, lengths) in enumerate(_CropRecorder.batches):
+        epoch = step // per_epoch
+        for row, i in enumerate(caption_ids):
+            # The documented draw: numpy's default_rng([seed, epoch, caption index, CROP_STREAM]).
+            rng = np.random.default_rng([seed, epoch, i, CROP_STREAM])
+            start = int(rng.integers(0, len(full[i]) - window + 1))
+            assert int(lengths[row]) == window
+            # What the model was fed is that window of the caption's audio (16-bit files: exact).
+            torch.testing.assert_close(wavs[row, :window], full[i][start:start + window], atol=0, rtol=0,
+                                       msg=lambda m, s=step, c=i, o=start: f"step {s}, caption {c}, offset {o}: {m}")
+            assert (wavs[row, window:] == 0).all()
+            assert (epoch, i) not in offsets  # each caption once per epoch
+            offsets[epoch, i] = start
+    assert sum(1 for start in offsets.values() if start > 0) > len(offsets) // 2  # not head crops
+    seen_every_epoch = [i for i in range(len(records)) if all((e, i) in offsets for e in range(epochs))]
+    assert seen_every_epoch
+    # New windows every epoch: most captions seen in every epoch got at least two different offsets.
+    moved = [i for i in seen_every_epoch if len({offsets[e, i] for e in range(epochs)}) > 1]
+    assert len(moved) > len(seen_every_epoch) // 2
+
     checkpoint = Path(summary["last_checkpoint"])
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["extra"]["data"]["train_crop"] == "random"
-    assert load_model(checkpoint).model_name == "dual_encoder_tiny"
+    assert load_model(checkpoint).model_name == "test_crop_recorder"

@@ -1,9 +1,10 @@
-"""Released SpeechCLIP checkpoints → our model (``load_reference_checkpoint``, ``vgskit convert-speechclip``), on a
+"""Released SpeechCLIP checkpoints → our model (``load_reference_checkpoint``, ``vgskit convert speechclip``), on a
 reference-shaped state dict: the parallel branch from the golden reference case, the cascaded branch from a tiny
 model, the keyword table as the reference stores it (text-tower rows in its own order), frozen-tower keys."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -22,8 +23,9 @@ from vgskit.cli import main
 from vgskit.encoders.text import load_clip_tokenizer
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.experiment import load_model
+from vgskit.extensions import converters
 from vgskit.models.speechclip import SpeechCLIP, build_keyword_vocabulary
-from vgskit.models.speechclip_convert import (
+from vgskit.models.speechclip.convert import (
     UnpickledObject,
     convert_reference_checkpoint,
     load_reference_checkpoint,
@@ -31,8 +33,18 @@ from vgskit.models.speechclip_convert import (
 )
 
 GOLDEN = Path(__file__).parent / "golden"
-# The golden parallel branch: audio 32 -> CLIP 16, 8 heads, FFN 64 (fits the tiny towers as they are).
-PARALLEL = {"num_heads": 8, "ffn_dim": 64}
+
+
+def _golden_parallel_sizes() -> dict:
+    """The golden parallel branch's transformer sizes, as its case states them (its audio and CLIP widths
+    are the tiny towers' own; checked in test_reference_checkpoint_gives_the_reference_outputs)."""
+    meta = json.loads((GOLDEN / "speechclip_parallel_branch_transformer.json").read_text())
+    ta = meta["constructor_args"]["config"]["model_settings"]["parallel_branch"]["transformer_args"]
+    return {"num_layers": ta["n_layers"], "num_heads": ta["nhead"], "ffn_dim": ta["dim_feedforward"],
+            "layer_norm_eps": ta["layer_norm_eps"]}
+
+
+PARALLEL = _golden_parallel_sizes()
 # Our cascaded-branch names -> the reference's (the inverse of convert_speechclip_state_dict).
 TO_REFERENCE = (
     ("attention.attn.", "self_att.multihead_attn_layer."),
@@ -117,8 +129,10 @@ def test_reference_checkpoint_gives_the_reference_outputs(source, towers, order,
 
     # Parallel branch: the reference's own output on the golden inputs.
     t, meta = _golden_parallel()
+    ctor = meta["constructor_args"]
+    assert (model.parallel.config.audio_dim, model.parallel.config.out_dim) == (ctor["audio_dim"], ctor["out_dim"])
     with torch.no_grad():
-        out = model.parallel(t["input.audio_feat"], t["input.audio_len"])
+        out = model.parallel(t[meta["call_args"]["audio_feat"]], t[meta["call_args"]["audio_len"]])
     rec = meta["tolerance"]["recommended"]
     torch.testing.assert_close(out, t["output.out"], rtol=rec["rtol"], atol=rec["atol"])
     torch.testing.assert_close(model.layer_sum.weights.detach(), ref["audio_encoder.weightedsum_layer.weights"])
@@ -230,7 +244,7 @@ def test_checkpoint_files(source, towers, order, tmp_path, monkeypatch) -> None:
         read_reference_checkpoint(tmp_path / "released.ckpt")
     assert read_reference_checkpoint(tmp_path / "released.ckpt", allow_pickle=True).keys() == ref.keys()
     held = torch.load(tmp_path / "released.ckpt", weights_only=False,
-                      pickle_module=sys.modules["vgskit.models.speechclip_convert"]._tolerant_pickle_module())
+                      pickle_module=sys.modules["vgskit.models.speechclip.convert"]._tolerant_pickle_module())
     stand_in = held["hyper_parameters"]["config"]
     assert isinstance(stand_in, UnpickledObject) and stand_in["model_settings"]["cascaded_objective_weight"] == 1.0
     assert stand_in.origin == "reference_pkg_config.OrderedNamespace" and stand_in.state == {"trainer": {"max_steps": 50000}}
@@ -245,12 +259,42 @@ def test_checkpoint_files(source, towers, order, tmp_path, monkeypatch) -> None:
         read_reference_checkpoint(tmp_path / "lists.ckpt")
 
 
-def test_convert_cli(source, towers, order, tmp_path, capsys) -> None:
+def _run_registered(argv: list[str]) -> int:
+    """The registered ``speechclip`` converter on its own arguments, as the command line runs it."""
+    converter = converters()["speechclip"]
+    parser = argparse.ArgumentParser(prog="vgskit convert speechclip")
+    converter.add_arguments(parser)
+    return converter.run(parser.parse_args(argv))
+
+
+def test_registered_converter(source, towers, order, tmp_path, capsys) -> None:
+    ref = reference_state_dict(source, order)
+    torch.save({"state_dict": ref}, tmp_path / "released.ckpt")
+    (tmp_path / "config.json").write_text(json.dumps(_section(towers)))
+    out = tmp_path / "converted"
+    assert _run_registered([str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "config.json"),
+                            "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained tensor(s) loaded into speechclip_parallel_base" in printed and printed.rstrip().endswith(str(out))
+    assert load_model(out).config.keyword_vocab == order
+    # Mistakes in the input are VGSKitErrors (the command line prints them), not exit codes.
+    with pytest.raises(VGSKitError, match=r"--config .*missing\.yaml: file not found"):
+        _run_registered([str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "missing.yaml"),
+                         "--out", str(tmp_path / "x")])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(VGSKitError, match="expected a mapping of SpeechCLIP config values, got list"):
+        _run_registered([str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "list.json"),
+                         "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", [["convert-speechclip"], ["convert", "speechclip"]])
+def test_convert_cli(command, source, towers, order, tmp_path, capsys) -> None:
     ref = reference_state_dict(source, order)
     torch.save({"state_dict": ref, "epoch": 3}, tmp_path / "released.ckpt")
     (tmp_path / "config.json").write_text(json.dumps(_section(towers)))
     out = tmp_path / "converted"
-    assert main(["convert-speechclip", str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "config.json"),
+    assert main([*command, str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "config.json"),
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "trained tensor(s) loaded into speechclip_parallel_base (branches: parallel, cascaded)" in printed
@@ -269,7 +313,7 @@ def test_convert_cli(source, towers, order, tmp_path, capsys) -> None:
 
     # A recipe file works as the config too; --set overrides apply to it, and problems exit with status 2.
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"model": _section(towers), "train": {"lr": 1e-4}}))
-    assert main(["convert-speechclip", str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "recipe.yaml"),
+    assert main([*command, str(tmp_path / "released.ckpt"), "--config", str(tmp_path / "recipe.yaml"),
                  "--set", "parallel.ffn_dim=32", "--out", str(tmp_path / "bad")]) == 2
     assert "do not fit the configured sizes" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

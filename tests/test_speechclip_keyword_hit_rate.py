@@ -3,6 +3,7 @@ outputs over a real CLIP tokenizer, the real tiny SpeechCLIP against a brute-for
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,21 @@ from transformers import CLIPTokenizer
 import _toy_models  # noqa: F401  (registers the test models)
 from _tiny_speechclip import CAPTIONS, WORDS, Towers, make_towers, perturb, tiny_config, write_clip_tokenizer
 from vgskit.cli import main
+from vgskit.contract import SpeechInputs
 from vgskit.data.manifest import read_manifest
 from vgskit.encoders.text import load_clip_tokenizer
 from vgskit.errors import ConfigError, VGSKitError
-from vgskit.experiment import evaluate_keyword_hit_rate, format_keyword_hit_rate, make_dataset
+from vgskit.experiment import make_dataset
+from vgskit.extensions import get_evaluation
 from vgskit.models.registry import create_model, save_pretrained
-from vgskit.models.speechclip import SpeechCLIP, build_keyword_vocabulary, special_token_ids
+from vgskit.models.speechclip import (
+    SpeechCLIP,
+    build_keyword_vocabulary,
+    evaluate_keyword_hit_rate,
+    format_keyword_hit_rate,
+    special_token_ids,
+)
+from vgskit.retrieval.evaluate import evaluate
 
 # ---------------------------------------------------------------------------------------------------------
 # A hand-checkable case: keywords on a circle
@@ -97,6 +107,11 @@ class FixedCaptions:
 
     def waveform(self, index: int) -> Tensor:
         return torch.full((self.num_samples()[index],), float(index))
+
+    def speech_inputs(self, indices: list[int]) -> SpeechInputs:
+        wavs = [self.waveform(i) for i in indices]
+        return SpeechInputs.waveform(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
+                                     torch.tensor([len(w) for w in wavs]))
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +225,34 @@ def test_real_model_matches_a_brute_force_count(towers, tiny_manifest) -> None:
             assert got["n_captions"] == len(ds) == 40
         with pytest.raises(VGSKitError, match="needs the cascaded branch"):
             evaluate_keyword_hit_rate(SpeechCLIP(tiny_config(towers, "parallel")), ds)
+
+        # The registered evaluation: the same numbers beside the recall, from one evaluate() call.
+        results = evaluate(model, ds, extras={"keyword_hit_rate": {"top_k": 2}}, batch_size=16)
+        direct = evaluate_keyword_hit_rate(model, ds, top_k=2, batch_size=16)
+        assert results["keyword_hit_rate"] == direct and "speech_to_image" in results
+        with pytest.raises(ConfigError, match=r"unknown option\(s\) \['top'\]"):
+            evaluate(model, ds, extras={"keyword_hit_rate": {"top": 2}}, batch_size=16)
+        # A model without the branch is refused before any embedding pass.
+        parallel = SpeechCLIP(tiny_config(towers, "parallel"))
+        parallel.embed_speech = None  # would fail if it were reached
+        with pytest.raises(VGSKitError, match="needs the cascaded branch"):
+            evaluate(parallel, ds, extras=["keyword_hit_rate"])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_registered_evaluation_flags_and_table() -> None:
+    ev = get_evaluation("keyword_hit_rate")
+    parser = argparse.ArgumentParser()
+    ev.add_cli_arguments(parser)
+    assert ev.options_from_args(parser.parse_args([])) is None
+    assert ev.options_from_args(parser.parse_args(["--keyword-hit-rate"])) == {"top_k": 5}
+    assert ev.options_from_args(parser.parse_args(["--keyword-hit-rate", "--keyword-top-k", "3"])) == {"top_k": 3}
+    with pytest.raises(VGSKitError, match="--keyword-top-k must be >= 1, got 0"):
+        ev.options_from_args(parser.parse_args(["--keyword-hit-rate", "--keyword-top-k", "0"]))
+    assert dict(ev.options) == {"top_k": 5, "keywords": "chosen"}
+    result = {"per_slot": [50.0, 25.0], "mean": 37.5, "top_k": 3, "keywords": "chosen", "n_captions": 4}
+    assert ev.format is not None and ev.format(result) == format_keyword_hit_rate(result)
 
 
 def test_eval_cli_refuses_models_without_keywords(tiny_manifest: Path, tmp_path: Path, capsys) -> None:

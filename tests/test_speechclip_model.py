@@ -16,10 +16,12 @@ import torch
 from _tiny_speechclip import CAPTIONS, SPEECH, Towers, make_towers, tiny_config
 from _tiny_speechclip import perturb as _perturb
 from _tiny_speechclip import tiny_batch as _batch
+from vgskit.contract import Batch, ImageInputs, SpeechInputs, StepOutput, TrainState
 from vgskit.encoders.hub import KNOWN_TOWERS
 from vgskit.encoders.text import load_clip_tokenizer
 from vgskit.errors import ConfigError
 from vgskit.layers import SpeechEncoderOutput
+from vgskit.losses import unique_images
 from vgskit.models import RetrievalModel, list_models, load_pretrained, save_pretrained
 from vgskit.models.registry import merge_config, model_config
 from vgskit.models.speechclip import (
@@ -29,10 +31,18 @@ from vgskit.models.speechclip import (
     SpeechCLIPConfig,
     build_keyword_vocabulary,
 )
+from vgskit.retrieval.evaluate import embed_images, embed_speech
 
 NAMES = ("speechclip_parallel_base", "speechclip_cascaded_base", "speechclip_parallel_large",
          "speechclip_cascaded_large")
 RECIPES = sorted((Path(__file__).parents[1] / "src" / "vgskit" / "recipes").glob("speechclip_*.yaml"))
+
+
+def _step_batch(n: int = 4, seed: int = 0) -> Batch:
+    """:func:`tiny_batch` as the training batch the data pipeline hands to ``step``."""
+    b = _batch(n, seed)
+    return Batch(speech=SpeechInputs.waveform(b["wavs"], b["lengths"]), image=ImageInputs.from_pixels(b["pixels"]),
+                 image_ids=b["image_ids"], caption_ids=torch.arange(n))
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +239,7 @@ def test_keywords_structure(both: SpeechCLIP, vocab: list[int]) -> None:
             assert len(slot) == 3 and all(isinstance(w, str) and isinstance(s, float) for w, s in slot)
             assert [w for w, _ in slot] == [tok.decode([i]).strip() for i in ids[u, k].tolist()]
             assert [s for _, s in slot] == pytest.approx(scores[u, k].tolist())
-    # The slot embeddings and vocabulary feed vgskit.metrics.keyword_hit_rate.
+    # The slot embeddings and vocabulary feed vgskit.models.speechclip.metrics.keyword_hit_rate.
     with torch.no_grad():
         assert both.keyword_embeddings(b["wavs"], b["lengths"]).shape == (3, 4, 32)
     assert both.keyword_token_ids.tolist() == vocab
@@ -271,12 +281,15 @@ def test_only_trainable_parts_get_gradients(towers: Towers, vocab: list[int]) ->
     torch.manual_seed(2)
     model = SpeechCLIP(tiny_config(towers, "both", keyword_vocab=vocab)).train()
     assert not model.speech_tower.training and not model.image_tower.training and not model.text_tower.training
-    out = model(_batch(6))
-    assert set(out) == {"loss", "loss_parallel", "loss_cascaded", "temperature", "vq_perplexity"}
-    torch.testing.assert_close(out["loss"], out["loss_parallel"] + out["loss_cascaded"])
-    assert float(out["temperature"]) == pytest.approx(0.07)
-    assert 1.0 <= float(out["vq_perplexity"]) <= 6 * 4
-    out["loss"].backward()
+    out = model(_step_batch(6))
+    assert isinstance(out, StepOutput)
+    assert set(out.losses) == {"parallel", "cascaded"}
+    assert set(out.metrics) == {"logit_scale", "temperature", "vq_perplexity"}
+    torch.testing.assert_close(out.loss, out.losses["parallel"] + out.losses["cascaded"])
+    assert float(out.metrics["temperature"]) == pytest.approx(0.07)
+    assert float(out.metrics["logit_scale"]) == pytest.approx(1 / 0.07)
+    assert 1.0 <= float(out.metrics["vq_perplexity"]) <= 6 * 4
+    out.loss.backward()
     for tower in (model.speech_tower, model.image_tower, model.text_tower):
         assert all(not p.requires_grad and p.grad is None for p in tower.parameters())
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -291,10 +304,51 @@ def test_learnable_temperature_and_loss_weights(towers: Towers, vocab: list[int]
     torch.manual_seed(2)
     model = SpeechCLIP(tiny_config(towers, "both", keyword_vocab=vocab, learnable_temperature=True,
                                    cascaded_loss_weight=0.5)).train()
-    out = model(_batch(6))
-    torch.testing.assert_close(out["loss"], out["loss_parallel"] + 0.5 * out["loss_cascaded"])
-    out["loss"].backward()
+    out = model(_step_batch(6))
+    out.loss.backward()
     assert model.loss.logit_scale.requires_grad and model.loss.logit_scale.grad is not None
+
+
+def test_step_losses_are_the_weighted_branch_losses(towers: Towers, vocab: list[int]) -> None:
+    # Each named loss is its branch's contrastive loss times the branch weight, computed from one pass of the
+    # towers (each distinct image once); their sum is the objective, bit for bit.
+    torch.manual_seed(2)
+    model = SpeechCLIP(tiny_config(towers, "both", keyword_vocab=vocab, cascaded_loss_weight=0.5)).train()
+    batch = _step_batch(6)
+    torch.manual_seed(8)
+    out = model.step(batch, TrainState(step=3, total_steps=10))
+    torch.manual_seed(8)  # the same dropout draws
+    feats, lengths = model.speech_features(batch.speech.values, batch.speech.lengths)
+    first, target = unique_images(batch.image_ids)
+    image = model.encode_image(batch.image.pixels[first])[target]  # [B, P]
+    parallel = torch.nn.functional.normalize(model.parallel(feats, lengths), dim=-1)
+    cascaded = model._cascaded(feats, lengths)[0]
+    want = {"parallel": model.loss(parallel, image, batch.image_ids),
+            "cascaded": 0.5 * model.loss(cascaded, image, batch.image_ids)}
+    for name, value in want.items():
+        torch.testing.assert_close(out.losses[name], value, rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(out.loss, want["parallel"] + want["cascaded"], rtol=0, atol=0)
+    # One branch alone: one loss.
+    parallel_only = SpeechCLIP(tiny_config(towers, "parallel")).train()
+    assert set(parallel_only(batch).losses) == {"parallel"}
+    assert set(parallel_only(batch).metrics) == {"logit_scale", "temperature"}
+
+
+def test_step_refuses_inputs_it_cannot_read(towers: Towers) -> None:
+    model = SpeechCLIP(tiny_config(towers, "parallel"))
+    batch = _step_batch(2)
+    frames = SpeechInputs("features", torch.zeros(2, 5, 3), torch.tensor([5, 4]))
+    with pytest.raises(ConfigError, match="reads waveforms"):
+        model.step(Batch(frames, batch.image, batch.image_ids, batch.caption_ids), TrainState())
+    regions = ImageInputs("regions", regions=torch.zeros(2, 3, 4), boxes=torch.zeros(2, 3, 4),
+                          region_mask=torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="reads pixels"):
+        model.step(Batch(batch.speech, regions, batch.image_ids, batch.caption_ids), TrainState())
+    # Cached tower states only stand for a frozen tower (whose cached reader takes them).
+    unfrozen = SpeechCLIP(tiny_config(towers, "parallel", freeze=False))
+    states = SpeechInputs("tower_states", torch.zeros(2, 3, 5, 32), torch.tensor([5, 4]), 50.0)
+    with pytest.raises(ConfigError, match="reads waveforms"):
+        unfrozen.step(Batch(states, batch.image, batch.image_ids, batch.caption_ids), TrainState())
 
 
 def test_save_and_load_reproduce_embeddings(both: SpeechCLIP, tmp_path: Path) -> None:
@@ -365,13 +419,17 @@ def test_frozen_towers_can_be_replaced_by_stored_features(towers: Towers, vocab:
     real = model.frozen_towers()
     assert real == {"speech": model.speech_tower, "image": model.image_tower}
     keys = set(model.state_dict())
-    b = _batch(6)
+    b = _step_batch(6)
+    wavs, lengths, pixels = b.speech.values, b.speech.lengths, b.image.pixels
     with torch.no_grad():
-        live = model.speech_embeddings(b["wavs"], b["lengths"])
-        live_image = model.encode_image(b["pixels"])
-        speech_out = real["speech"](b["wavs"], b["lengths"])
-        stored = {"wavs": torch.stack(speech_out.hidden_states, dim=1), "lengths": speech_out.lengths,
-                  "pixels": real["image"](b["pixels"]).pooled, "image_ids": b["image_ids"]}
+        live = model.speech_embeddings(wavs, lengths)
+        live_image = model.encode_image(pixels)
+        speech_out = real["speech"](wavs, lengths)
+        states = torch.stack(speech_out.hidden_states, dim=1)  # [B, L, T', D]
+        # What a feature-cache collate gives: tower states in frames and one pooled vector per image.
+        stored = Batch(speech=SpeechInputs("tower_states", states, speech_out.lengths, 50.0),
+                       image=ImageInputs("tower_outputs", tower_outputs=real["image"](pixels).pooled),
+                       image_ids=b.image_ids, caption_ids=b.caption_ids)
 
     def use(speech: torch.nn.Module, image: torch.nn.Module) -> None:
         model.set_tower("speech", speech)
@@ -380,9 +438,11 @@ def test_frozen_towers_can_be_replaced_by_stored_features(towers: Towers, vocab:
     use(StoredSpeechFeatures(), StoredImageFeatures())
     assert set(model.state_dict()) == keys  # checkpoints look the same with stand-ins
     with torch.no_grad():
-        for name, emb in model.speech_embeddings(stored["wavs"], stored["lengths"]).items():
+        for name, emb in model.speech_embeddings(stored.speech.values, stored.speech.lengths).items():
             torch.testing.assert_close(emb, live[name])
-        torch.testing.assert_close(model.encode_image(stored["pixels"]), live_image)
+        torch.testing.assert_close(model.encode_image(stored.image.main), live_image)
+        torch.testing.assert_close(model.embed_speech(stored.speech).pooled, live["parallel"])
+        torch.testing.assert_close(model.embed_image(stored.image).pooled, live_image)
     # Training steps see the same losses (same dropout draws) with either.
     model.train()
     losses = []
@@ -391,8 +451,11 @@ def test_frozen_towers_can_be_replaced_by_stored_features(towers: Towers, vocab:
         use(speech, image)
         torch.manual_seed(6)
         losses.append(model(batch))
-    for name in losses[0]:
-        torch.testing.assert_close(losses[1][name], losses[0][name], msg=name)
+    assert losses[1].losses.keys() == losses[0].losses.keys() == {"parallel", "cascaded"}
+    for name in losses[0].losses:
+        torch.testing.assert_close(losses[1].losses[name], losses[0].losses[name], msg=name)
+    for name in losses[0].metrics:
+        torch.testing.assert_close(losses[1].metrics[name], losses[0].metrics[name], msg=name)
     with pytest.raises(ConfigError, match="valid kinds are"):
         model.set_tower("text", StoredImageFeatures())
     with pytest.raises(ConfigError, match="no replaceable"):
@@ -439,13 +502,15 @@ def test_real_feature_cache_stands_in_for_the_towers(towers: Towers, vocab: list
     live_batch = collate_spoken_captions([base[i] for i in range(4)])
     cached_batch = collate_cached_captions(
         [CachedSpokenCaptionDataset(base, speech_cache, image_cache)[i] for i in range(4)])
+    assert (live_batch.speech.kind, live_batch.image.kind) == ("waveform", "pixels")
+    assert (cached_batch.speech.kind, cached_batch.image.kind) == ("tower_states", "tower_outputs")
     with torch.no_grad():
-        live = model.speech_embeddings(live_batch["wavs"], live_batch["lengths"])
-        live_image = model.encode_image(live_batch["pixels"])
+        live = model.speech_embeddings(live_batch.speech.values, live_batch.speech.lengths)
+        live_image = model.encode_image(live_batch.image.pixels)
         model.set_tower("speech", CachedSpeechEncoder(speech_cache))
         model.set_tower("image", CachedImageEncoder(image_cache))
-        cached = model.speech_embeddings(cached_batch["wavs"], cached_batch["lengths"])
-        cached_image = model.encode_image(cached_batch["pixels"])
+        cached = model.speech_embeddings(cached_batch.speech.values, cached_batch.speech.lengths)
+        cached_image = model.encode_image(cached_batch.image.tower_outputs)
     # float16 storage: close, not equal.
     torch.testing.assert_close(cached["parallel"], live["parallel"], atol=5e-3, rtol=5e-3)
     torch.testing.assert_close(cached_image, live_image, atol=5e-3, rtol=5e-3)
@@ -459,7 +524,7 @@ def test_real_feature_cache_stands_in_for_the_towers(towers: Towers, vocab: list
 
 
 def test_tiny_unfrozen_model_learns_the_training_split(towers: Towers, tiny_manifest: Path) -> None:
-    from vgskit.experiment import embed_dataset, make_dataset
+    from vgskit.experiment import make_dataset
     from vgskit.metrics import recall_at_k
 
     threads = torch.get_num_threads()
@@ -491,15 +556,14 @@ def test_tiny_unfrozen_model_learns_the_training_split(towers: Towers, tiny_mani
         for _ in range(100):
             # One random caption of every training image per step.
             idx = [int(rng.choice(captions_of[i])) for i in range(n_images)]
-            wavs = [ds.waveform(i) for i in idx]
-            batch = {"wavs": torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True),
-                     "lengths": torch.tensor([len(w) for w in wavs]), "pixels": pixels,
-                     "image_ids": torch.arange(n_images)}
-            loss = model(batch)["loss"]
+            batch = Batch(speech=ds.speech_inputs(idx), image=ImageInputs.from_pixels(pixels),
+                          image_ids=torch.arange(n_images), caption_ids=torch.tensor(idx))
+            loss = model(batch).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
-        speech, image, caption_image = embed_dataset(model, ds)
+        speech, image = embed_speech(model, ds).pooled, embed_images(model, ds).pooled
+        caption_image = torch.tensor(ds.caption_image_index)
     finally:
         torch.set_num_threads(threads)
     recall = recall_at_k(speech, image, caption_image, ks=(1, 5))

@@ -17,8 +17,13 @@ from _tiny_speechclip import SPEECH, Towers, make_towers, tiny_config
 from vgskit.cli import main
 from vgskit.data.manifest import read_manifest
 from vgskit.encoders.text import load_clip_tokenizer
-from vgskit.experiment import evaluate_keyword_hit_rate, load_model, make_dataset, train_from_recipe
-from vgskit.models.speechclip import SpeechCLIP, build_keyword_vocabulary, special_token_ids
+from vgskit.experiment import load_model, make_dataset, train_from_recipe
+from vgskit.models.speechclip import (
+    SpeechCLIP,
+    build_keyword_vocabulary,
+    evaluate_keyword_hit_rate,
+    special_token_ids,
+)
 from vgskit.train.tracking import read_metrics
 
 STEPS = 3

@@ -92,3 +92,31 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert moved > 1e-3  # training actually changed the weights, so equality below means something
     for k, w in model.state_dict().items():
         torch.testing.assert_close(ddp_weights[k], w, atol=1e-5, rtol=0, msg=k)
+
+
+def test_batchnorm_models_two_processes_equal_one_only_with_frozen_statistics(tmp_path):
+    """What holds for BatchNorm under data parallelism: with ``train.batchnorm: frozen`` (running statistics,
+    not updated) 2 gloo processes train exactly what 1 process trains; with per-process batch statistics
+    (``batch``, the default) each process normalises its half batch, so the runs differ. (``sync`` needs CUDA.)"""
+
+    def ddp(mode: str) -> dict[str, torch.Tensor]:
+        out = tmp_path / f"ddp_{mode}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(WORKER), "--out", str(out), "--batchnorm", mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return load_file(str(out / "weights.safetensors"))
+
+    frozen_single, _, _ = worker.run(tmp_path / "single_frozen", batchnorm=True, batchnorm_mode="frozen")
+    frozen_ddp = ddp("frozen")
+    torch.manual_seed(0)
+    init = worker.ToyDualEncoder(batchnorm=True).state_dict()
+    for k, w in frozen_single.state_dict().items():
+        torch.testing.assert_close(frozen_ddp[k], w, atol=1e-5, rtol=0, msg=k)
+        if k.endswith(("running_mean", "running_var")):
+            assert torch.equal(w, init[k])  # frozen: never updated
+    batch_single, _, _ = worker.run(tmp_path / "single_batch", batchnorm=True, batchnorm_mode="batch")
+    batch_ddp = ddp("batch")
+    gap = max((batch_ddp[k] - w).abs().max().item() for k, w in batch_single.state_dict().items()
+              if w.is_floating_point())
+    assert gap > 1e-4  # per-process batch statistics: not the single-process model

@@ -160,11 +160,11 @@ def test_non_finite_loss_names_the_step(tmp_path):
     class Exploding(worker.ToyDualEncoder):
         calls = 0
 
-        def forward(self, batch):
-            out = super().forward(batch)
+        def forward(self, batch, state=None):
+            out = super().forward(batch, state)
             Exploding.calls += 1
             if Exploding.calls == 3:
-                out["loss"] = out["loss"] * float("nan")
+                out.losses["infonce"] = out.losses["infonce"] * float("nan")
             return out
 
     cfg = worker.make_config(tmp_path, max_steps=5)

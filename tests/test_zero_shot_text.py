@@ -3,6 +3,7 @@ of a model with a text tower, and ``vgskit eval --zero-shot-text``."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -15,9 +16,12 @@ import torch
 import _toy_models  # noqa: F401  (registers the test models)
 from vgskit.cli import main
 from vgskit.errors import VGSKitError
-from vgskit.experiment import embed_speech, evaluate_zero_shot_text, make_dataset
+from vgskit.experiment import make_dataset
+from vgskit.extensions import get_evaluation
 from vgskit.metrics import format_recall_table, speech_text_retrieval
 from vgskit.models.registry import create_model, save_pretrained
+from vgskit.models.speechclip import caption_texts, evaluate_zero_shot_text, format_zero_shot_text
+from vgskit.retrieval.evaluate import embed_speech, evaluate
 
 
 def _brute_force(queries: torch.Tensor, gallery: torch.Tensor, q_ids: Sequence[Hashable],
@@ -105,12 +109,34 @@ def test_evaluate_zero_shot_text_on_a_split(tiny_manifest) -> None:
     model = create_model("test_toy_text")
     ds = make_dataset(tiny_manifest, "test", model.image_transform, max_seconds=None, preload=True, progress=False)
     got = evaluate_zero_shot_text(model, ds, batch_size=7, chunk_size=9)
-    speech = embed_speech(model, ds)
+    speech = embed_speech(model, ds).pooled
     text = model.encode_text([r.text for r in ds.records])
     ids = [r.image_id for r in ds.records]
     assert got["speech_to_text"] == pytest.approx(_brute_force(speech, text, ids, ids))
     assert got["text_to_speech"] == pytest.approx(_brute_force(text, speech, ids, ids))
     assert got["speech_to_text"]["n_queries"] == got["text_to_speech"]["n_queries"] == 40
+    # The registered evaluation reuses the recall pass's speech embeddings: the same numbers.
+    results = evaluate(model, ds, extras=["zero_shot_text"], batch_size=7)
+    alone = evaluate_zero_shot_text(model, ds, batch_size=7)
+    for direction in ("speech_to_text", "text_to_speech"):
+        assert results["zero_shot_text"][direction] == pytest.approx(alone[direction])
+    wider = evaluate(model, ds, extras={"zero_shot_text": {"ks": (1, 20)}})["zero_shot_text"]
+    assert set(wider["speech_to_text"]) >= {"R@1", "R@20"} and "R@5" not in wider["speech_to_text"]
+
+
+def test_registered_evaluation_flag_and_table() -> None:
+    ev = get_evaluation("zero_shot_text")
+    parser = argparse.ArgumentParser()
+    ev.add_cli_arguments(parser)
+    assert ev.options_from_args(parser.parse_args([])) is None
+    assert ev.options_from_args(parser.parse_args(["--zero-shot-text"])) == {}
+    speech, text, speech_ids, text_ids = _unequal_corpus(2)
+    result = speech_text_retrieval(speech, text, speech_ids, text_ids)
+    assert ev.format is not None and ev.format(result) == format_zero_shot_text(result)
+    n_texts = result["text_to_speech"]["n_queries"]
+    assert format_zero_shot_text(result) == (
+        f"zero-shot speech <-> text (gallery: {n_texts} caption texts; a hit is a caption of the same image)\n"
+        f"{format_recall_table(result)}")
 
 
 def test_evaluate_zero_shot_text_errors(tiny_manifest) -> None:
@@ -123,6 +149,15 @@ def test_evaluate_zero_shot_text_errors(tiny_manifest) -> None:
     ds.records[7] = dataclasses.replace(ds.records[7], text="")
     with pytest.raises(VGSKitError, match=rf"2 of 40 captions have no transcript.*{ds.records[3].caption_id}"):
         evaluate_zero_shot_text(create_model("test_toy_text"), ds)
+    with pytest.raises(VGSKitError, match=r"^m\.jsonl \(split 'test'\): 2 of 40"):
+        caption_texts(ds, "m.jsonl (split 'test')")
+    # Through evaluate(): the data is checked, and named, before any embedding pass.
+    toy = create_model("test_toy_text")
+    toy.embed_speech = None  # would fail if it were reached
+    with pytest.raises(VGSKitError, match=r"^m\.jsonl \(split 'test'\): 2 of 40 captions have no transcript"):
+        evaluate(toy, ds, extras=["zero_shot_text"], source="m.jsonl (split 'test')")
+    with pytest.raises(VGSKitError, match="'test_no_extras' has no text tower"):
+        evaluate(no_text, ds, extras=["zero_shot_text"])
 
 
 def test_eval_cli_zero_shot_text(toy_model_dir, tiny_manifest, tmp_path, capsys) -> None:

@@ -7,15 +7,19 @@
     vgskit train --recipe demo --out runs/x [--manifest M --corpus flickr8k] [--resume] [--set train.lr=3e-4]
     torchrun --nproc_per_node=2 -m vgskit.cli train --recipe demo --out runs/x   # multi-process
     vgskit eval --checkpoint runs/x --manifest M [--split test | --corpus places]   # runs/x: best checkpoint
-    vgskit eval --checkpoint runs/x --manifest M --zero-shot-text   # + speech <-> caption text (SpeechCLIP)
-    vgskit eval --checkpoint runs/x --manifest M --keyword-hit-rate # + per-slot keyword hit rate (SpeechCLIP-C)
+    vgskit eval --checkpoint runs/x --manifest M --zero-shot-text   # + speech <-> caption text (text-tower models)
+    vgskit eval --checkpoint runs/x --manifest M --keyword-hit-rate # + per-slot keyword hit rate (cascaded models)
+    vgskit eval --checkpoint runs/x --manifest M --rerank-top 100  # coarse-to-fine (models with a fine scorer)
+    vgskit eval --model NAME --manifest M                          # a registered model as built
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
     vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
-    vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # cascaded SpeechCLIP keywords
-    vgskit convert-speechclip released.ckpt --config speechclip_parallel_base --out models/p_base  # reference ckpt
+    vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # keywords of a cascaded model
+    vgskit convert speechclip released.ckpt --config speechclip_parallel_base --out models/p_base  # reference ckpt
 
-Imports of torch and friends happen inside the commands so that ``vgskit --help`` is instant.
+Commands, evaluations and converters of a model family (``keywords``, ``layers``, ``--zero-shot-text``,
+``convert speechclip``) come from the registries of :mod:`vgskit.extensions`, filled when the family packages
+are imported.
 """
 
 from __future__ import annotations
@@ -100,57 +104,51 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _recall_tables(results: dict) -> str:
+    """The recall table, then the table of every family evaluation in the results that has a format."""
+    from vgskit.extensions import get_evaluation, list_evaluations
     from vgskit.metrics import format_recall_table
 
     text = format_recall_table(results)
-    zero_shot = results.get("zero_shot_text")
-    if zero_shot is not None:
-        n_texts = zero_shot["text_to_speech"]["n_queries"]
-        text += (f"\n\nzero-shot speech <-> text (gallery: {n_texts} caption texts; a hit is a caption of the "
-                 f"same image)\n{format_recall_table(zero_shot)}")
-    return text
-
-
-def _keyword_tables(results: dict) -> str:
-    from vgskit.experiment import format_keyword_hit_rate
-
-    text = _recall_tables(results)
-    if "keyword_hit_rate" in results:
-        text += "\n\n" + format_keyword_hit_rate(results["keyword_hit_rate"])
+    if "rerank_top" in results:
+        text = f"coarse-to-fine: the {results['rerank_top']} best coarse candidates re-ranked by the fine scorer\n" + text
+    for name in list_evaluations():
+        ev = get_evaluation(name)
+        if name in results and ev.format is not None:
+            text += "\n\n" + ev.format(results[name])
     return text
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vgskit.experiment import evaluate_checkpoint, evaluate_checkpoint_splits, evaluate_corpus
+    from vgskit.data.splits import corpus_splits
+    from vgskit.experiment import evaluate_splits, model_for_evaluation
+    from vgskit.extensions import get_evaluation, list_evaluations
+    from vgskit.train.config import apply_overrides
 
-    if args.keyword_top_k < 1:
-        raise VGSKitError(f"--keyword-top-k must be >= 1, got {args.keyword_top_k}")
-    if args.keyword_hit_rate:
-        # One model load for the recall, the zero-shot text retrieval and the keyword hit rate.
-        from vgskit.data.splits import corpus_splits
-
-        by_corpus = args.corpus is not None and args.split is None
-        splits = list(corpus_splits(args.corpus).test) if by_corpus else [args.split or "test"]
-        if not splits:
-            raise VGSKitError(f"corpus {args.corpus!r} has no standard test split (it is used for pretraining)")
-        per_split = evaluate_checkpoint_splits(args.checkpoint, args.manifest, splits, batch_size=args.batch_size,
-                                               zero_shot_text=args.zero_shot_text, keyword_hit_rate=True,
-                                               keyword_top_k=args.keyword_top_k)
-        if by_corpus:
-            results = per_split
-            for split, split_results in per_split.items():
-                print(f"[{split}]\n{_keyword_tables(split_results)}")
-        else:
-            results = per_split[splits[0]]
-            print(_keyword_tables(results))
-    elif args.corpus is not None and args.split is None:
-        results = evaluate_corpus(args.checkpoint, args.manifest, args.corpus, batch_size=args.batch_size,
-                                  zero_shot_text=args.zero_shot_text)
-        for split, split_results in results.items():
+    if args.batch_size < 1:
+        raise VGSKitError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.rerank_top is not None and args.rerank_top < 1:
+        raise VGSKitError(f"--rerank-top must be >= 1, got {args.rerank_top}")
+    if args.set and args.model is None:
+        raise VGSKitError("--set applies to --model NAME (a checkpoint's config is the one it was trained with)")
+    extras: dict[str, dict] = {}
+    for name in list_evaluations():
+        options = get_evaluation(name).options_from_args(args)
+        if options is not None:
+            extras[name] = options
+    by_corpus = args.corpus is not None and args.split is None
+    splits = list(corpus_splits(args.corpus).test) if by_corpus else [args.split or "test"]
+    if not splits:
+        raise VGSKitError(f"corpus {args.corpus!r} has no standard test split (it is used for pretraining)")
+    overrides = apply_overrides({}, args.set) if args.set else None
+    model = model_for_evaluation(args.checkpoint, args.model, overrides)
+    per_split = evaluate_splits(model, args.manifest, splits, batch_size=args.batch_size, rerank_top=args.rerank_top,
+                                extras=extras, region_features=args.region_features)
+    if by_corpus:
+        results: dict = per_split
+        for split, split_results in per_split.items():
             print(f"[{split}]\n{_recall_tables(split_results)}")
     else:
-        results = evaluate_checkpoint(args.checkpoint, args.manifest, split=args.split or "test",
-                                      batch_size=args.batch_size, zero_shot_text=args.zero_shot_text)
+        results = per_split[splits[0]]
         print(_recall_tables(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -160,7 +158,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_index(args: argparse.Namespace) -> int:
     from vgskit.experiment import build_index
 
-    out = build_index(args.checkpoint, args.manifest, split=args.split, out_dir=args.out)
+    out = build_index(args.checkpoint, args.manifest, split=args.split, out_dir=args.out,
+                      region_features=args.region_features)
     print(out)
     return 0
 
@@ -173,117 +172,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     engine = SearchEngine.load(args.index, model)
     for audio in args.audio:
         print(f"{audio}:")
-        for hit in engine.search_by_audio(audio, k=args.k):
+        for hit in engine.search_by_audio(audio, k=args.k, rerank_top=args.rerank_top):
             print(f"  {hit.rank:>2}  {hit.score:7.3f}  {hit.item_id}  {hit.path}")
-    return 0
-
-
-def _cmd_layers(args: argparse.Namespace) -> int:
-    from vgskit.experiment import load_model
-    from vgskit.report import plot_layer_weights
-
-    model = load_model(args.checkpoint)
-    layer_weights = getattr(model, "layer_weights", None)
-    if not callable(layer_weights):
-        name = getattr(model, "model_name", None) or type(model).__name__
-        raise VGSKitError(f"checkpoint {args.checkpoint}: model {name!r} has no layer weights (layer_weights()); "
-                          "only models with a weighted sum of hidden states, such as SpeechCLIP, have them")
-    weights = {str(branch): [float(v) for v in w.detach().float().cpu().reshape(-1)]
-               for branch, w in layer_weights().items()}
-    if not weights:
-        raise VGSKitError(f"checkpoint {args.checkpoint}: the model reports no layer weights")
-    for branch, values in weights.items():
-        print(f"{branch}: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(values)))
-    print(plot_layer_weights(weights, args.out, title=args.title or f"Hidden-state weights ({args.checkpoint})"))
-    if args.json:
-        Path(args.json).write_text(json.dumps(weights, indent=2))
-    return 0
-
-
-def _cmd_keywords(args: argparse.Namespace) -> int:
-    import torch
-
-    from vgskit.audio import load_audio
-    from vgskit.experiment import load_model
-
-    if args.k < 1:
-        raise VGSKitError(f"-k must be >= 1, got {args.k}")
-    model = load_model(args.checkpoint)
-    keywords = getattr(model, "keywords", None)
-    if not callable(keywords):
-        name = getattr(model, "model_name", None) or type(model).__name__
-        raise VGSKitError(f"checkpoint {args.checkpoint}: model {name!r} has no keyword slots (keywords()); "
-                          "only cascaded models such as SpeechCLIP-C produce keywords")
-    rate = int(getattr(model, "sample_rate", 16000))
-    report: list[dict] = []
-    failed = 0
-    # One file at a time: a bad file is reported and skipped, and no utterance is padded next to another.
-    for path in args.audio:
-        try:
-            wav = torch.from_numpy(load_audio(path, sample_rate=rate, max_seconds=args.max_seconds))
-        except VGSKitError as err:
-            print(f"vgskit: error: {err}", file=sys.stderr)
-            report.append({"audio": path, "error": str(err)})
-            failed += 1
-            continue
-        with torch.no_grad():
-            (slots,) = keywords(wav[None], torch.tensor([len(wav)]), top_k=args.k)
-        print(path)
-        for i, slot in enumerate(slots, start=1):
-            print(f"  slot {i}: " + " ".join(f"{token} ({score:.2f})" for token, score in slot))
-        report.append({"audio": path, "slots": [[{"token": t, "cosine": float(c)} for t, c in slot]
-                                                for slot in slots]})
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    if failed:
-        print(f"vgskit: {failed} of {len(args.audio)} file(s) could not be read", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _speechclip_config_section(config: str, overrides: list[str]) -> dict:
-    """``--config``: a registered SpeechCLIP name, or a JSON/YAML file holding a model section (a mapping with an
-    optional ``name``, or a recipe whose ``model`` section is used); ``--set`` overrides apply to it."""
-    from vgskit.train.config import apply_overrides
-
-    path = Path(config)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise VGSKitError(f"--config {path}: file not found")
-        import yaml
-
-        try:
-            text = path.read_text(encoding="utf-8")
-            # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
-            section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            raise VGSKitError(f"--config {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
-        if isinstance(section, dict) and isinstance(section.get("model"), dict):
-            section = section["model"]  # a recipe
-        if not isinstance(section, dict):
-            raise VGSKitError(f"--config {path}: expected a mapping of SpeechCLIP config values, "
-                              f"got {type(section).__name__}")
-    else:
-        section = {"name": config}
-    return apply_overrides(section, overrides)
-
-
-def _cmd_convert_speechclip(args: argparse.Namespace) -> int:
-    from vgskit.models.registry import save_pretrained
-    from vgskit.models.speechclip_convert import convert_reference_checkpoint
-
-    section = _speechclip_config_section(args.config, args.set)
-    model, report = convert_reference_checkpoint(args.checkpoint, section, allow_pickle=args.allow_pickle)
-    out = save_pretrained(model, args.out)
-    print(f"{args.checkpoint}: {len(report.loaded)} trained tensor(s) loaded into {model.model_name} "
-          f"(branches: {', '.join(model.branch_names)})")
-    if report.defaulted:
-        print(f"  kept at their configured value: {', '.join(report.defaulted)}")
-    if report.dropped:
-        print(f"  frozen-tower tensors not used (the towers load from {model.config.speech.name_or_path!r} and "
-              f"{model.config.image.name_or_path!r}): {len(report.dropped)}")
-    if report.keyword_vocab is not None:
-        print(f"  keyword vocabulary: {len(report.keyword_vocab)} subwords (ids from the {report.keyword_vocab_source})")
-    print(out)
     return 0
 
 
@@ -345,20 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("eval", help="retrieval recall of a checkpoint on a manifest split")
-    e.add_argument("--checkpoint", required=True)
+    e = sub.add_parser("eval", help="retrieval recall of a checkpoint (or a registered model) on a manifest split")
+    which = e.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="run folder, checkpoint folder or saved model folder")
+    which.add_argument("--model", default=None,
+                       help="a registered model evaluated as built, without trained weights of its own")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --model: override a config value of the registered model")
     e.add_argument("--manifest", required=True)
     e.add_argument("--split", default=None, help="split to evaluate (default: test, or the corpus's test splits)")
     e.add_argument("--corpus", default=None, help="evaluate every split this corpus's papers report on")
     e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--zero-shot-text", action="store_true",
-                   help="also rank the caption texts with speech and the speech with texts (models with a text "
-                        "tower, e.g. SpeechCLIP; every caption needs a transcript)")
-    e.add_argument("--keyword-hit-rate", action="store_true",
-                   help="also report the per-slot keyword hit rate (cascaded models, e.g. SpeechCLIP-C; every "
-                        "caption needs a transcript)")
-    e.add_argument("--keyword-top-k", type=int, default=5,
-                   help="vocabulary neighbours of each keyword that count for the hit rate (default 5)")
+    e.add_argument("--rerank-top", type=int, default=None,
+                   help="coarse-to-fine: re-rank the N best coarse candidates of every query with the model's "
+                        "fine scorer (models with score_pairs)")
+    e.add_argument("--region-features", default=None,
+                   help="HDF5 file of the images' region features (models that read regions)")
+    from vgskit.extensions import get_evaluation, list_evaluations
+
+    for name in list_evaluations():  # the families' own evaluations add their flags
+        get_evaluation(name).add_cli_arguments(e)
     e.add_argument("--json", default=None, help="also write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)
 
@@ -367,50 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--manifest", required=True)
     i.add_argument("--split", default="test")
     i.add_argument("--out", required=True)
+    i.add_argument("--region-features", default=None,
+                   help="HDF5 file of the images' region features (models that read regions)")
     i.set_defaults(func=_cmd_index)
 
     s = sub.add_parser("search", help="search an index with spoken queries (audio files)")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--index", required=True)
     s.add_argument("-k", type=int, default=5)
+    s.add_argument("--rerank-top", type=int, default=None,
+                   help="re-rank the N best coarse candidates with the model's fine scorer (N >= k)")
     s.add_argument("audio", nargs="+")
     s.set_defaults(func=_cmd_search)
 
-    ly = sub.add_parser("layers", help="plot the learned weights of the speech tower's hidden states")
-    ly.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
-    ly.add_argument("--out", required=True, help="PNG file to write")
-    ly.add_argument("--json", default=None, help="also write the weights ({branch: [w_0, ...]}) as JSON")
-    ly.add_argument("--title", default=None, help="plot title")
-    ly.set_defaults(func=_cmd_layers)
+    from vgskit.extensions import commands, converters
 
-    kw = sub.add_parser("keywords", help="the keywords a cascaded model reads from spoken utterances",
-                        description="Print, per audio file, the top-k vocabulary tokens of each keyword slot "
-                                    "with their cosine similarity. Unreadable files are reported and skipped; "
-                                    "the exit status is 1 if any file failed.")
-    kw.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
-    kw.add_argument("-k", type=int, default=5, help="tokens per slot (default 5)")
-    kw.add_argument("--max-seconds", type=float, default=60.0, help="refuse longer files (default 60)")
-    kw.add_argument("--json", default=None, help="also write the keywords (and errors) as JSON")
-    kw.add_argument("audio", nargs="+")
-    kw.set_defaults(func=_cmd_keywords)
-
-    cv = sub.add_parser("convert-speechclip", help="turn a released SpeechCLIP checkpoint into a vgskit model",
-                        description="Read a checkpoint of the SpeechCLIP reference implementation (Lightning .ckpt, "
-                                    "a saved state dict or .safetensors), map its trained weights onto the "
-                                    "configured model and save it (model.safetensors + config.json). The frozen "
-                                    "HuBERT/CLIP towers are not taken from the file: they load from the "
-                                    "config's hub names or folders.")
-    cv.add_argument("checkpoint", help="the reference checkpoint file")
-    cv.add_argument("--config", required=True,
-                    help="registered model (speechclip_parallel_base, speechclip_cascaded_large, ...) or a "
-                         "JSON/YAML file with its config (a model section, or a recipe)")
-    cv.add_argument("--out", required=True, help="folder to write the converted model to")
-    cv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config value, e.g. branches=both or speech.name_or_path=/models/hubert")
-    cv.add_argument("--allow-pickle", action="store_true",
-                    help="unpickle the whole file (released .ckpt files pickle their training config); only "
-                         "for files you trust")
-    cv.set_defaults(func=_cmd_convert_speechclip)
+    cv = sub.add_parser("convert", help="turn a released reference checkpoint into a vgskit model")
+    families = cv.add_subparsers(dest="family", required=True, metavar="FAMILY")
+    for family, command in converters().items():
+        fp = families.add_parser(family, help=command.help, description=command.help)
+        command.add_arguments(fp)
+        fp.set_defaults(func=command.run)
+        # The older spelling `vgskit convert-FAMILY` stays available.
+        alias = sub.add_parser(f"convert-{family}", help=f"same as `vgskit convert {family}`",
+                               description=command.help)
+        command.add_arguments(alias)
+        alias.set_defaults(func=command.run)
+    for name, command in commands().items():  # the families' own commands
+        cp = sub.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(cp)
+        cp.set_defaults(func=command.run)
     return p
 
 

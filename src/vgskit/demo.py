@@ -31,7 +31,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
              progress: bool = True) -> dict[str, Any]:
     """Run the whole demo and return the results written to ``out_dir/results.json``."""
     from vgskit.data.synthetic import PRESETS, ceiling, generate_spoken_scenes, preset_dir
-    from vgskit.experiment import embed_dataset, load_model, make_dataset, train_from_recipe
+    from vgskit.experiment import load_model, make_dataset, train_from_recipe
     from vgskit.metrics import format_recall_table
     from vgskit.report import write_report
     from vgskit.retrieval.engine import SearchEngine
@@ -62,14 +62,13 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
     model = load_model(train_dir)
     test_set = make_dataset(manifest, "test", model.image_transform, max_seconds=None, preload=True,
                             progress=progress)
-    speech_emb, image_emb, caption_image = embed_dataset(model, test_set)
-    from vgskit.retrieval.evaluate import evaluate_retrieval
+    from vgskit.retrieval.evaluate import evaluate
 
-    results = evaluate_retrieval(speech_emb, image_emb, caption_image)
+    results = evaluate(model, test_set, source=f"{manifest} (split 'test')")
     ceil = ceiling(corpus_dir, "test")
 
     _say("[4/5] search index over the test images + sample spoken queries", progress)
-    engine = SearchEngine(model, image_emb, test_set.image_keys, test_set.image_paths)
+    engine = SearchEngine.build_from_dataset(model, test_set)
     engine.save(out_dir / "index")
     records = test_set.records
     step = max(1, len(records) // N_QUERIES)

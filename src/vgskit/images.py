@@ -27,9 +27,11 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INTERPOLATIONS",
     "ImageTransform",
     "load_image",
     "load_image_tensor",
+    "resample_filter",
 ]
 
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -44,6 +46,20 @@ _INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
 }
+#: The interpolation names every resize in vgskit accepts (evaluation transform and training augmentation).
+INTERPOLATIONS: tuple[str, ...] = tuple(_INTERPOLATIONS)
+
+
+def resample_filter(interpolation: str, *, field: str = "interpolation") -> Image.Resampling:
+    """Return the PIL filter named ``interpolation``; a :class:`ConfigError` naming ``field`` otherwise.
+
+    Shared so that the training augmentation and :class:`ImageTransform` accept the same names and resize
+    the same way: a model trained on one filter and evaluated with another sees slightly different pixels.
+    """
+    try:
+        return _INTERPOLATIONS[interpolation]
+    except (KeyError, TypeError):
+        raise ConfigError(f"{field} must be one of {INTERPOLATIONS}, got {interpolation!r}") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

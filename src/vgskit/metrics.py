@@ -1,6 +1,6 @@
 """Cross-modal retrieval metrics for spoken captions and images.
 
-Evaluation convention (shared by SpeechCLIP, FaST-VGS and VG-HuBERT):
+Evaluation convention (shared by the reference implementations of the published models):
 
 * Images are de-duplicated by image id; the caller passes one embedding per *unique* image and, for every
   spoken caption, the index of its image (:func:`image_index_from_ids` builds that index from id lists).
@@ -20,7 +20,7 @@ rule is available as ``ties="optimistic"``. Neither rule depends on the gallery 
 deterministic. (The reference implementations use ``topk``/``argsort``, whose order among equal scores is
 unspecified; on tie-free scores all three rules agree.)
 
-Zero-shot **speech <-> text** (:func:`speech_text_retrieval`, SpeechCLIP): spoken captions query the
+Zero-shot **speech <-> text** (:func:`speech_text_retrieval`, models with a text tower): spoken captions query the
 gallery of caption *texts* (``speech_to_text``) and texts query the spoken captions (``text_to_speech``); a
 retrieved item is a hit when it is a caption of the query's image. Both sides carry image ids, so the two
 sides may hold different captions and different numbers of captions per image.
@@ -32,7 +32,7 @@ Unlike the reference code (which calls ``topk(100)``) nothing here needs a minim
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -433,12 +433,12 @@ def speech_text_retrieval(
     chunk_size: int = 1024,
     ties: Ties = "pessimistic",
 ) -> dict[str, Any]:
-    """Zero-shot speech <-> text retrieval as SpeechCLIP scores it, by dot products in bounded-memory chunks.
+    """Zero-shot speech <-> text retrieval scored by image ids, by dot products in bounded-memory chunks.
 
     ``speech_to_text``: each spoken caption ranks every caption text and hits at K when a text of *its
     image* is among the top K (the best rank over that image's texts). ``text_to_speech``: each text ranks
     every spoken caption the same way. Relevance comes from image ids, not from caption pairing, because a
-    caption of the same image is a correct answer too (the SpeechCLIP paper's convention). A query whose
+    caption of the same image is a correct answer too (the published convention). A query whose
     image has nothing on the other side is left out of that direction (``n_queries`` counts the rest). Ties
     follow the module's rule.
 
@@ -504,40 +504,3 @@ def format_recall_table(results: Mapping[str, Any], ceiling: Mapping[str, Any] |
             lines.append(f"{'  (ceiling)':<18}" + "".join(f"{ceiling[key][f'R@{k}']:>8.1f}" for k in ks))
     return "\n".join(lines)
 
-
-def keyword_hit_rate(keywords: Tensor, vocabulary: Tensor, caption_tokens: Sequence[Iterable[int]],
-                     vocab_token_ids: Tensor | None = None, top: int = 5, chunk_size: int = 256) -> Tensor:
-    """Per-slot keyword hit rate (percent) of a cascaded SpeechCLIP-style model.
-
-    For every caption and keyword slot, the ``top`` vocabulary entries nearest to the slot's keyword embedding
-    by cosine similarity are found; the slot *hits* when any of them is one of the caption's own subword ids.
-
-    Args:
-        keywords: ``[N, K, D]`` keyword embeddings (N captions, K slots).
-        vocabulary: ``[V, D]`` token embeddings of the (reduced) vocabulary.
-        caption_tokens: for each caption, its subword token ids (any iterable of ints).
-        vocab_token_ids: ``[V]`` token id of each vocabulary row (default: the row index).
-        top: how many nearest entries count.
-        chunk_size: captions per similarity block (bounds memory at ``chunk_size * K * V``).
-
-    Returns:
-        ``[K]`` float64 hit rate per slot, in percent.
-    """
-    if keywords.ndim != 3 or vocabulary.ndim != 2 or keywords.shape[2] != vocabulary.shape[1]:
-        raise ValueError(f"keywords [N,K,D] and vocabulary [V,D] expected, got {tuple(keywords.shape)} and "
-                         f"{tuple(vocabulary.shape)}")
-    n, k, _ = keywords.shape
-    if len(caption_tokens) != n:
-        raise ValueError(f"{len(caption_tokens)} token sets for {n} captions")
-    if not 1 <= top <= vocabulary.shape[0]:
-        raise ValueError(f"top must be in [1, {vocabulary.shape[0]}], got {top}")
-    ids = torch.arange(vocabulary.shape[0]) if vocab_token_ids is None else vocab_token_ids.long().cpu()
-    vocab = torch.nn.functional.normalize(vocabulary.float(), dim=-1)
-    hits = torch.zeros(k, dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        block = torch.nn.functional.normalize(keywords[start:start + chunk_size].float(), dim=-1)  # [b, K, D]
-        nearest = ids[(block @ vocab.T).topk(top, dim=-1).indices.cpu()]  # [b, K, top] token ids
-        for row, tokens in enumerate(caption_tokens[start:start + chunk_size]):
-            own = torch.tensor(sorted(set(int(t) for t in tokens)), dtype=torch.long)
-            hits += torch.isin(nearest[row], own).any(dim=-1).double()  # [K]
-    return 100.0 * hits / max(n, 1)

@@ -49,7 +49,7 @@ def plot_training_curve(rows: Sequence[dict], out_png: str | Path, *, metric: st
 
 def plot_layer_weights(weights: Mapping[str, Sequence[float]], path: str | Path, *,
                        title: str = "Hidden-state weights of the speech tower") -> Path:
-    """Bar chart of the softmax layer weights of each branch (SpeechCLIP's weighted sum of HuBERT states).
+    """Bar chart of the softmax layer weights of each branch (a softmax-weighted sum of a speech tower's hidden states).
 
     One group of bars per hidden state, one bar per branch; x is the hidden-state index ``0 .. L-1``, where
     0 is the CNN output (the transformer's input) and ``i`` the output of transformer layer ``i``. A dashed

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from vgskit.contract import Batch, SpeechInputs
 from vgskit.data.manifest import Record
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.fileio import fsync_dir, write_text_atomic
@@ -661,10 +662,10 @@ def _check_complete(cache: FeatureCache, paths: Sequence[str]) -> list[str]:
 class CachedSpokenCaptionDataset(Dataset):
     """A :class:`~vgskit.data.loader.SpokenCaptionDataset` whose frozen towers' outputs come from caches.
 
-    Items keep the base dataset's keys, so :func:`collate_cached_captions` yields the batch a model already
-    reads: with ``speech_cache``, ``wav`` is the cached ``[L, T', D]`` (or ``[L, D]`` pooled) float16
-    features and ``length`` their frame count (waveforms are not read at all); with ``image_cache``,
-    ``pixels`` is the image's cached arrays flattened into one float16 vector. Pair it with
+    With ``speech_cache`` an item's ``states`` are the cached ``[L, T', D]`` (or ``[L, D]`` pooled) float16
+    hidden states and ``length`` their frame count (waveforms are not read at all); with ``image_cache``,
+    ``tower_outputs`` is the image's cached arrays flattened into one float16 vector.
+    :func:`collate_cached_captions` batches them as ``tower_states`` / ``tower_outputs`` inputs. Pair it with
     :class:`CachedSpeechEncoder` / :class:`CachedImageEncoder` as the model's towers.
 
     Every file is checked against the cache up front (stat only), so a stale cache fails here, not mid-epoch.
@@ -721,44 +722,48 @@ class CachedSpokenCaptionDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_index = self.caption_image_index[index]
+        item: dict[str, Any] = {"image_index": image_index, "caption_index": index}
         if self.speech_cache is not None and self.speech_keys is not None:
-            wav = self.speech_cache.get(self.speech_keys[index])["hidden"]
-            length = 1 if wav.dim() == 2 else int(wav.shape[1])
+            states = self.speech_cache.get(self.speech_keys[index])["hidden"]  # [L, T', D] or pooled [L, D]
+            item.update(states=states, length=1 if states.dim() == 2 else int(states.shape[1]),
+                        frame_rate=float(self.speech_cache.meta.get("frame_rate", 50.0)))
         else:
             wav = self.base.waveform(index)
-            length = int(wav.shape[0])
+            item.update(wav=wav, length=int(wav.shape[0]))
         if self.image_cache is not None and self.image_cache_keys is not None:
             arrays = self.image_cache.get(self.image_cache_keys[image_index])
             # tokens first, then pooled: the order CachedImageEncoder unpacks.
-            pixels = torch.cat([arrays[n].reshape(-1) for n in ("tokens", "pooled") if n in arrays])
+            item["tower_outputs"] = torch.cat([arrays[n].reshape(-1) for n in ("tokens", "pooled") if n in arrays])
         else:
-            pixels = self.base.pixels(image_index)
-        return {"wav": wav, "length": length, "pixels": pixels, "image_index": image_index, "caption_index": index}
+            item["pixels"] = self.base.pixels(image_index)
+        return item
 
 
-def collate_cached_captions(items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-    """Batch :class:`CachedSpokenCaptionDataset` items (the keys :func:`collate_spoken_captions` returns).
+def collate_cached_captions(items: Sequence[dict[str, Any]]) -> Batch:
+    """Batch :class:`CachedSpokenCaptionDataset` items into a :class:`~vgskit.contract.Batch`.
 
-    Cached speech features ``[L, T_b, D]`` are zero-padded to ``wavs [B, L, T, D]`` (float16) with
-    ``lengths [B]`` in frames; pooled ones stack to ``[B, L, D]``. Raw waveforms (no speech cache) fall back to
-    :func:`~vgskit.data.loader.collate_spoken_captions`.
+    Cached speech states ``[L, T_b, D]`` are zero-padded to ``SpeechInputs("tower_states")`` with values
+    ``[B, L, T, D]`` (float16) and ``lengths [B]`` in frames; pooled ones stack to ``[B, L, D]``. Without a
+    speech cache the waveforms are batched as :func:`~vgskit.data.loader.collate_spoken_captions` does.
+    Cached image vectors become ``ImageInputs("tower_outputs")``.
     """
     if not items:
         raise ConfigError("collate_cached_captions: empty batch")
-    first = items[0]["wav"]
-    from vgskit.data.loader import batch_dict, collate_spoken_captions
+    from vgskit.data.loader import collate_spoken_captions, make_batch
 
-    if first.dim() == 1:
+    if "states" not in items[0]:
         return collate_spoken_captions(items)
+    first = items[0]["states"]
     lengths = torch.tensor([int(it["length"]) for it in items], dtype=torch.long)
     if first.dim() == 2:  # pooled: [L, D]
-        wavs = torch.stack([it["wav"] for it in items])
+        states = torch.stack([it["states"] for it in items])
     else:
         L, _, D = first.shape
-        wavs = torch.zeros(len(items), L, int(lengths.max()), D, dtype=first.dtype)
+        states = torch.zeros(len(items), L, int(lengths.max()), D, dtype=first.dtype)
         for row, it in enumerate(items):
-            wavs[row, :, : it["length"]] = it["wav"]
-    return batch_dict(wavs, lengths, items)
+            states[row, :, : it["length"]] = it["states"]
+    frame_rate = float(items[0].get("frame_rate", 50.0))
+    return make_batch(SpeechInputs("tower_states", states, lengths, frame_rate), items)
 
 
 class _StandIn(nn.Module):

@@ -4,7 +4,7 @@
   every waveform is decoded once into int16 and every image once into uint8 at the target size, because
   decoding WAV/PNG files on every step costs more than a training step on two CPU cores. Long captions are
   cropped to ``max_seconds``: their first seconds (``crop="head"``) or a random window (``crop="random"``,
-  SpeechCLIP's training crop; see "Random crops" below).
+  a common training crop; see "Random crops" below).
 * :func:`collate_spoken_captions` pads waveforms to a multiple of ``pad_multiple`` samples (default
   ``32 · 160``: 32 frames of 10 ms), so the number of distinct batch shapes stays small while padding stays
   below 0.32 s per batch.
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -37,6 +38,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vgskit.contract import Batch, ImageInputs, SpeechInputs
+from vgskit.data.augment import AugmentConfig
 from vgskit.data.manifest import Record
 from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
@@ -70,6 +73,53 @@ def _progress(iterable: Any, total: int, desc: str, enabled: bool) -> Any:
     return tqdm(iterable, total=total, desc=desc, unit="file")
 
 
+class RegionSource:
+    """Region features of a dataset's images from a BUTD/LXMERT HDF5 file, by image id (FaST-VGS input).
+
+    Every image gets exactly ``num_regions`` rows, most confident first: extra detections are dropped and
+    images with fewer are padded with zeros, with ``region_mask`` False on the padding. The file is opened
+    lazily in each process (HDF5 handles cannot cross into loader workers).
+    """
+
+    def __init__(self, path: str | Path, num_regions: int = 36):
+        if num_regions < 1:
+            raise ConfigError(f"num_regions: must be >= 1, got {num_regions}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"region features {self.path}: file not found")
+        self.num_regions = int(num_regions)
+        self._reader: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "num_regions": self.num_regions, "_reader": None}
+
+    def _open(self) -> Any:
+        if self._reader is None:
+            from vgskit.encoders.regions import RegionFeatureReader
+
+            self._reader = RegionFeatureReader(self.path)
+        return self._reader
+
+    def check_ids(self, image_ids: Sequence[str]) -> None:
+        """A clear error naming the file and the first image ids it lacks."""
+        reader = self._open()
+        missing = [i for i in image_ids if i not in reader]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(f"region features {self.path}: no regions for {len(missing)} of {len(image_ids)} "
+                              f"images ({shown})")
+
+    def item(self, image_id: str) -> dict[str, Tensor]:
+        """``regions [N, F]``, ``boxes [N, 4]`` and ``region_mask [N]`` of one image."""
+        found = self._open()[image_id]
+        n = min(self.num_regions, int(found.features.shape[0]))
+        regions = torch.zeros(self.num_regions, found.features.shape[1])
+        boxes = torch.zeros(self.num_regions, 4)
+        mask = torch.zeros(self.num_regions, dtype=torch.bool)
+        regions[:n], boxes[:n], mask[:n] = found.features[:n], found.boxes[:n], True
+        return {"regions": regions, "boxes": boxes, "region_mask": mask}
+
+
 class SpokenCaptionDataset(Dataset):
     """Spoken captions with their images, one item per caption.
 
@@ -88,6 +138,13 @@ class SpokenCaptionDataset(Dataset):
         resize_mode: ``"squash"`` (whole image, default) or ``"shorter_side_center_crop"``.
         interpolation: PIL resampling filter name.
         progress: show tqdm progress bars while preloading.
+        augment: a train-time image augmentation (:mod:`vgskit.data.augment`, e.g. RandomResizedCrop + flip)
+            applied to each item's image, drawn from ``(crop_seed, epoch, index)`` like the random crops;
+            :meth:`pixels` and :meth:`image_inputs` (evaluation, indexing) never augment.
+        regions: serve each image as region features from this source instead of pixels (models whose
+            ``image_input`` is ``"regions"``); images are then never decoded.
+        extra_fields: manifest fields (beyond the schema's) each item carries under ``extras`` and batches
+            carry in :attr:`vgskit.contract.Batch.extras` (word alignments, ASR transcripts, ...).
 
     Items are dicts: ``wav`` (float32 ``[T]``), ``length`` (int), ``pixels`` (float32 ``[3, S, S]``),
     ``image_index`` (int, index into :attr:`image_keys`) and ``caption_index`` (int, index into ``records``).
@@ -107,6 +164,9 @@ class SpokenCaptionDataset(Dataset):
         progress: bool = True,
         crop: CropMode = "head",
         crop_seed: int = 0,
+        regions: RegionSource | None = None,
+        extra_fields: Sequence[str] = (),
+        augment: AugmentConfig | None = None,
     ):
         if not records:
             raise ConfigError("SpokenCaptionDataset: no records")
@@ -138,6 +198,13 @@ class SpokenCaptionDataset(Dataset):
                 self.image_keys.append(r.image_id)
                 self.image_paths.append(r.image)
             self.caption_image_index.append(index_of[r.image_id])
+        self.regions = regions
+        if regions is not None:
+            regions.check_ids(self.image_keys)
+        self.extra_fields = tuple(extra_fields)
+        self.augment = augment if augment is not None and augment.kind != "none" else None
+        if self.augment is not None and regions is not None:
+            raise ConfigError("SpokenCaptionDataset: image augmentation applies to pixels, not region features")
         self._audio: list[np.ndarray] | None = None
         self._images: np.ndarray | None = None
         if preload:
@@ -157,7 +224,7 @@ class SpokenCaptionDataset(Dataset):
                 # Same scale both ways (x32768 here, /32768 in waveform()), clipped to the int16 range.
                 stored.append(np.clip(np.round(wav * 32768.0), -32768, 32767).astype(np.int16))
             self._audio = stored
-        if images:
+        if images and self.regions is None:
             s = self.image_size
             pixels = np.empty((len(self.image_paths), s, s, 3), dtype=np.uint8)
             for i, path in enumerate(_progress(self.image_paths, len(self.image_paths), "images", progress)):
@@ -167,7 +234,7 @@ class SpokenCaptionDataset(Dataset):
     @property
     def preloaded(self) -> bool:
         """Whether audio and images are held in memory."""
-        return self._audio is not None and self._images is not None
+        return self._audio is not None and (self._images is not None or self.regions is not None)
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Select the random crops of ``epoch`` (and the seed they derive from, if given).
@@ -213,16 +280,30 @@ class SpokenCaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, image_index: int) -> Tensor:
-        """Normalised pixels ``[3, S, S]`` of image ``image_index`` (an index into :attr:`image_keys`)."""
+    def _uint8_image(self, image_index: int) -> np.ndarray:
         if self._images is not None:
-            arr = self._images[image_index]
-        else:
-            arr = _load_image_uint8(
-                self.image_paths[image_index], self.image_size, self.resize_mode, self.interpolation
-            )
+            return self._images[image_index]
+        return _load_image_uint8(self.image_paths[image_index], self.image_size, self.resize_mode, self.interpolation)
+
+    def _normalise(self, arr: np.ndarray) -> Tensor:
         x = torch.tensor(arr).permute(2, 0, 1).float().div_(255.0)  # [3, S, S] (copy: PIL arrays are read-only)
         return (x - self.mean) / self.std
+
+    def pixels(self, image_index: int) -> Tensor:
+        """Normalised pixels ``[3, S, S]`` of image ``image_index`` (an index into :attr:`image_keys`); never
+        augmented (the evaluation transform)."""
+        return self._normalise(self._uint8_image(image_index))
+
+    def train_pixels(self, image_index: int, caption_index: int) -> Tensor:
+        """The pixels caption ``caption_index`` trains with: :meth:`pixels`, augmented when ``augment`` is set
+        (the window and flip of this epoch, a pure function of ``(crop_seed, epoch, caption_index)``)."""
+        arr = self._uint8_image(image_index)
+        if self.augment is not None:
+            from vgskit.data.augment import augment_image, augment_rng
+
+            arr = augment_image(arr, self.augment, augment_rng(self.crop_seed, self.epoch, caption_index),
+                                interpolation=self.interpolation)
+        return self._normalise(arr)
 
     def waveform(self, index: int) -> Tensor:
         """The (cropped) float32 waveform ``[T]`` of caption ``index`` (random crops: this epoch's window)."""
@@ -231,26 +312,43 @@ class SpokenCaptionDataset(Dataset):
         wav = self._crop(_load_audio(self.records[index].audio, self.sample_rate), index)
         return torch.from_numpy(np.ascontiguousarray(wav))
 
+    def image_item(self, image_index: int) -> dict[str, Tensor]:
+        """The image inputs of one image: ``{"pixels": [3, S, S]}`` or its region features."""
+        if self.regions is not None:
+            return self.regions.item(self.image_keys[image_index])
+        return {"pixels": self.pixels(image_index)}
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         wav = self.waveform(index)
         image_index = self.caption_image_index[index]
-        return {
-            "wav": wav,
-            "length": int(wav.shape[0]),
-            "pixels": self.pixels(image_index),
-            "image_index": image_index,
-            "caption_index": index,
-        }
+        image = ({"pixels": self.train_pixels(image_index, index)} if self.regions is None
+                 else self.image_item(image_index))
+        item: dict[str, Any] = {"wav": wav, "length": int(wav.shape[0]), "image_index": image_index,
+                                "caption_index": index, **image}
+        if self.extra_fields:
+            record_extra = getattr(self.records[index], "extra", None) or {}
+            item["extras"] = {name: record_extra.get(name) for name in self.extra_fields}
+        return item
+
+    def speech_inputs(self, indices: Sequence[int]) -> SpeechInputs:
+        """Waveforms of captions ``indices``, zero-padded to the longest (evaluation batches)."""
+        wavs = [self.waveform(i) for i in indices]
+        values = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
+        return SpeechInputs.waveform(values, torch.tensor([len(w) for w in wavs]), self.sample_rate)
+
+    def image_inputs(self, image_indices: Sequence[int]) -> ImageInputs:
+        """Image inputs of images ``image_indices`` (indices into :attr:`image_keys`)."""
+        return collate_images([self.image_item(i) for i in image_indices])
 
 
 def collate_spoken_captions(
-    items: Sequence[dict[str, Any]], pad_multiple: int = DEFAULT_PAD_MULTIPLE
-) -> dict[str, Tensor]:
-    """Stack dataset items into a batch.
+    items: Sequence[dict[str, Any]], pad_multiple: int = DEFAULT_PAD_MULTIPLE, sample_rate: int = 16000
+) -> Batch:
+    """Stack dataset items into a :class:`~vgskit.contract.Batch` of waveforms and images.
 
-    Returns ``wavs`` ``[B, T]`` (zero-padded, ``T`` = longest length rounded up to ``pad_multiple``),
-    ``lengths`` ``[B]``, ``pixels`` ``[B, 3, S, S]``, ``image_ids`` ``[B]`` (image index of each caption) and
-    ``caption_ids`` ``[B]``.
+    Waveforms are zero-padded to ``[B, T]`` (``T`` = longest length rounded up to ``pad_multiple``) with
+    ``lengths [B]`` in samples; images are ``pixels [B, 3, S, S]`` or, for items carrying region features,
+    ``regions [B, N, F]`` + ``boxes [B, N, 4]`` + ``region_mask [B, N]``.
     """
     if not items:
         raise ConfigError("collate_spoken_captions: empty batch")
@@ -260,18 +358,39 @@ def collate_spoken_captions(
     wavs = torch.zeros(len(items), total, dtype=torch.float32)
     for row, it in enumerate(items):
         wavs[row, : it["length"]] = it["wav"]
-    return batch_dict(wavs, lengths, items)
+    return make_batch(SpeechInputs.waveform(wavs, lengths, sample_rate), items)
 
 
-def batch_dict(wavs: Tensor, lengths: Tensor, items: Sequence[dict[str, Any]]) -> dict[str, Tensor]:
-    """The training batch layout shared by every collate: padded speech inputs + lengths, pixels, ids."""
-    return {
-        "wavs": wavs,
-        "lengths": lengths,
-        "pixels": torch.stack([it["pixels"] for it in items]),
-        "image_ids": torch.tensor([int(it["image_index"]) for it in items], dtype=torch.long),
-        "caption_ids": torch.tensor([int(it["caption_index"]) for it in items], dtype=torch.long),
-    }
+def collate_images(items: Sequence[dict[str, Any]]) -> ImageInputs:
+    """The image inputs of dataset items: stacked ``pixels``, or stacked region features (see
+    :class:`RegionSource`), or cached tower outputs (``tower_outputs``)."""
+    first = items[0]
+    if "regions" in first:
+        return ImageInputs("regions", regions=torch.stack([it["regions"] for it in items]),
+                           boxes=torch.stack([it["boxes"] for it in items]),
+                           region_mask=torch.stack([it["region_mask"] for it in items]))
+    if "tower_outputs" in first:
+        return ImageInputs("tower_outputs", tower_outputs=torch.stack([it["tower_outputs"] for it in items]))
+    return ImageInputs.from_pixels(torch.stack([it["pixels"] for it in items]))
+
+
+def make_batch(speech: SpeechInputs, items: Sequence[dict[str, Any]]) -> Batch:
+    """The batch every collate returns: the speech inputs, the items' images, ids and extra fields."""
+    extras: dict[str, list[Any]] = {}
+    for name in first_extras(items):
+        extras[name] = [it["extras"].get(name) for it in items]
+    return Batch(
+        speech=speech,
+        image=collate_images(items),
+        image_ids=torch.tensor([int(it["image_index"]) for it in items], dtype=torch.long),
+        caption_ids=torch.tensor([int(it["caption_index"]) for it in items], dtype=torch.long),
+        extras=extras,
+    )
+
+
+def first_extras(items: Sequence[dict[str, Any]]) -> list[str]:
+    extras = items[0].get("extras") or {}
+    return sorted(extras)
 
 
 def paired_batch_sampler(

@@ -8,6 +8,10 @@ Each line is one spoken caption::
 ``text`` and ``speaker`` are optional (null or absent). Relative ``audio``/``image`` paths are resolved against
 the manifest's own folder, so a corpus folder can be moved as a whole.
 
+Any other top-level field of a line (word alignments, ASR transcripts, boxes, ...) is kept, unchanged, in
+:attr:`Record.extra` and written back at the top level by :func:`write_manifest`: corpora carry more than the
+schema names, and the models that use it (word discovery, cascades, localized narratives) read it from there.
+
 :func:`read_manifest` validates a manifest and reports every problem in one error; :func:`summarize`,
 :func:`image_index` and :func:`filter_split` are the helpers data checks, training and evaluation share.
 """
@@ -17,23 +21,67 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NoReturn, TypedDict
 
 import numpy as np
 
-from vgskit.errors import ManifestError
+from vgskit.errors import ConfigError, ManifestError
 from vgskit.fileio import temp_path_for
 
 REQUIRED_FIELDS = ("caption_id", "audio", "image", "image_id", "split")
 OPTIONAL_FIELDS = ("text", "speaker")
 
 
+SCHEMA_FIELDS = REQUIRED_FIELDS + OPTIONAL_FIELDS
+_SCHEMA_SET = frozenset(SCHEMA_FIELDS)
+
+
+class ExtraFields(dict):
+    """A read-only dict holding a record's extra manifest fields.
+
+    A plain dict could be changed through a shared reference, silently editing a frozen :class:`Record`; a
+    ``types.MappingProxyType`` cannot be pickled, and records travel to DataLoader workers and spawned
+    processes by pickle. A dict subclass stays a dict for ``json.dumps`` and compares equal to any dict with
+    the same content. Only the top level is read-only: nested lists and dicts are the JSON values as read.
+    """
+
+    __slots__ = ()
+
+    def _read_only(self, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError("Record.extra is read-only; build a new record with dataclasses.replace(record, extra=...)")
+
+    __setitem__ = __delitem__ = _read_only
+    clear = pop = popitem = setdefault = update = _read_only  # type: ignore[assignment]
+    __ior__ = _read_only  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[type[ExtraFields], tuple[dict[str, Any]]]:
+        # dict's own pickling refills the object item by item through __setitem__, which is blocked here.
+        return (ExtraFields, (dict(self),))
+
+    def __repr__(self) -> str:
+        return f"ExtraFields({dict.__repr__(self)})"
+
+
+_NO_EXTRA = ExtraFields()
+
+
+def _no_extra() -> ExtraFields:
+    # One shared empty mapping: most records have no extras, and a million empty dicts would cost ~64 MB.
+    return _NO_EXTRA
+
+
 @dataclass(frozen=True)
 class Record:
-    """One spoken caption: its audio, the image it describes, and the split it belongs to."""
+    """One spoken caption: its audio, the image it describes, and the split it belongs to.
+
+    ``extra`` holds every other top-level field of the manifest line with its JSON value unchanged (nested
+    lists and dicts included), so what a corpus carries beyond the schema survives reading and writing. It is
+    stored as a read-only :class:`ExtraFields` and compared by content, but left out of the hash (its values
+    may be lists), so records stay usable as dict keys and set members.
+    """
 
     caption_id: str
     audio: str
@@ -42,21 +90,102 @@ class Record:
     split: str
     text: str | None = None
     speaker: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=_no_extra, hash=False)
 
-    def to_json(self) -> dict:
-        """Return the record as a JSON-ready dict with every field (optional ones as null)."""
-        return asdict(self)
+    def __post_init__(self) -> None:
+        extra = self.extra
+        if extra is _NO_EXTRA:
+            return
+        if not isinstance(extra, Mapping):
+            raise ConfigError(
+                f"Record {self.caption_id!r}: extra must be a mapping of field names to JSON values, "
+                f"got {type(extra).__name__}"
+            )
+        for name in extra:
+            if not isinstance(name, str):
+                raise ConfigError(
+                    f"Record {self.caption_id!r}: extra field names must be strings, "
+                    f"got {type(name).__name__} {name!r}"
+                )
+            if name in _SCHEMA_SET:
+                # A manifest line has one value per name: the schema field and the extra could not both be written.
+                raise ConfigError(
+                    f"Record {self.caption_id!r}: extra field {name!r} is a schema field; set Record.{name} instead"
+                )
+        if type(extra) is not ExtraFields or not extra:
+            object.__setattr__(self, "extra", ExtraFields(extra) if extra else _NO_EXTRA)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the manifest line as a dict: every schema field (optional ones as null), then the extras.
+
+        Extras go back to the top level, where :func:`read_manifest` found them, so that writing and reading a
+        record gives an equal record.
+        """
+        line: dict[str, Any] = {
+            "caption_id": self.caption_id,
+            "audio": self.audio,
+            "image": self.image,
+            "image_id": self.image_id,
+            "split": self.split,
+            "text": self.text,
+            "speaker": self.speaker,
+        }
+        line.update(self.extra)
+        return line
+
+    @classmethod
+    def from_json(cls, line: Mapping[str, Any]) -> Record:
+        """Build a record from a manifest line given as a dict: schema fields by name, the rest into ``extra``.
+
+        The inverse of :meth:`to_json`, for code that edits records as dicts (``Record(**record.to_json())``
+        fails as soon as a record has extras). Unlike :func:`read_manifest` it neither checks field types nor
+        resolves paths.
+        """
+        missing = [name for name in REQUIRED_FIELDS if line.get(name) is None]
+        if missing:
+            raise ConfigError(f"manifest line {dict(line)!r}: missing required field(s) {missing}")
+        extra = ExtraFields((k, v) for k, v in line.items() if k not in _SCHEMA_SET)
+        return cls(**{name: line.get(name) for name in SCHEMA_FIELDS}, extra=extra or _NO_EXTRA)
+
+
+def _manifest_line(record: Record, path: Path) -> str:
+    """One JSON line for ``record``; an extra value JSON cannot encode is reported by caption and field."""
+    try:
+        return json.dumps(record.to_json(), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        for name, value in record.extra.items():
+            try:
+                json.dumps(value, ensure_ascii=False)
+            except (TypeError, ValueError) as field_exc:
+                raise ManifestError(
+                    path,
+                    [f"caption {record.caption_id!r}: extra field {name!r} is not JSON-serialisable ({field_exc})"],
+                    "cannot write",
+                ) from field_exc
+        raise ManifestError(
+            path, [f"caption {record.caption_id!r}: not JSON-serialisable ({exc})"], "cannot write"
+        ) from exc
 
 
 def write_manifest(records: Iterable[Record], path: str | Path) -> Path:
-    """Write records as JSONL atomically (temp file + rename), so a killed run never leaves half a manifest."""
+    """Write records as JSONL atomically (temp file + rename), so a killed run never leaves half a manifest.
+
+    Each record's extras are written at the top level of its line. An extra value JSON cannot encode (a numpy
+    number, a set, an arbitrary object) raises :class:`~vgskit.errors.ManifestError` naming the caption and
+    the field, and leaves any existing file at ``path`` untouched. JSON has no tuples and only string keys: a
+    tuple comes back as a list, a number key as a string.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(_manifest_line(r, path) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -199,6 +328,7 @@ def read_manifest(
                 split=obj["split"],
                 text=obj.get("text"),
                 speaker=obj.get("speaker"),
+                extra=ExtraFields((k, v) for k, v in obj.items() if k not in _SCHEMA_SET) or _NO_EXTRA,
             )
             first = first_line_of_caption.setdefault(rec.caption_id, lineno)
             if first != lineno:

@@ -1,28 +1,38 @@
-"""The contract every retrieval model follows.
+"""The contract every retrieval model follows (contract v2).
 
-A :class:`RetrievalModel` is an ``nn.Module`` built from one dataclass config (``config_class``) that
-offers L2-normalised embeddings for coarse search (``encode_speech``, ``encode_image``), optionally fine
-cross-modal scores (``score_pairs``), and a training ``forward(batch) -> {"loss": ..., **scalars}``.
-``image_transform`` describes the image preprocessing the weights expect, as a plain dict with the fields
-of :class:`vgskit.images.ImageTransform`, so preprocessing travels with the checkpoint.
+A :class:`RetrievalModel` is an ``nn.Module`` built from one dataclass config (``config_class``). The generic
+rooms — the trainer, the data pipeline, the evaluator and the search engine — talk to it only through the
+typed values of :mod:`vgskit.contract` and the methods below, so a new model family is a package under
+``vgskit/models/`` plus recipes and a registry entry, with no special case anywhere else.
 
-Two optional hooks let generic training code work with any model:
+What a model declares and offers:
 
-* frozen towers (:meth:`RetrievalModel.frozen_towers`, :meth:`RetrievalModel.set_tower`): a model whose
-  pretrained towers are frozen names them, so their outputs can be extracted once and a stand-in that
-  serves the stored outputs (:mod:`vgskit.data.cache`) can replace them during training;
-* :meth:`RetrievalModel.adapt_config_to_corpus`: a config that depends on the training data (SpeechCLIP's
-  keyword vocabulary is the set of subwords of the training captions) is completed before the model is
-  built, and the result is stored in the config, so a saved model rebuilds without the data.
+* **inputs** — ``speech_input`` (``"waveform"`` or ``"features"``) and ``image_input`` (``"pixels"`` or
+  ``"regions"``): the data pipeline builds batches of these kinds (:mod:`vgskit.data.loader`);
+* **embeddings** — ``embed_speech(SpeechInputs) -> Embeddings`` and ``embed_image(ImageInputs) ->
+  Embeddings``: a pooled vector per row for coarse search (dot products; unit vectors are the model's
+  choice, not the contract's), plus optional token-level tensors for a fine scorer. Models whose inputs are
+  waveforms and pixels usually implement only the tensor shortcuts ``encode_speech(wavs, lengths)`` and
+  ``encode_image(pixels)``, which the default ``embed_*`` call;
+* **fine scores** — ``score_pairs(speech_emb, image_emb) -> [P]`` for row-aligned pairs, when
+  ``has_fine_scores`` is True (coarse-to-fine re-ranking in evaluation and search);
+* **the training step** — ``step(batch, state) -> StepOutput``: named, already-weighted losses (the trainer
+  sums them) and metrics to log, given the :class:`~vgskit.contract.TrainState` (step, epoch, fraction);
+* **optional hooks, with defaults** — ``param_groups`` (per-group weight decay and lr scale),
+  ``after_step`` (EMA / momentum teachers, run after every optimizer update), ``ddp_options`` (e.g.
+  unused parameters), ``frozen_towers``/``set_tower``/``feature_cache_options`` (what a frozen-feature
+  cache stores and how it stands in for the towers), ``adapt_config_to_corpus`` (a config completed from the
+  training data) and ``image_transform`` (the preprocessing its weights expect, saved with it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import Tensor, nn
 
+from vgskit.contract import Batch, Embeddings, ImageInputs, SpeechInputs, StepOutput, TrainState
 from vgskit.errors import ConfigError
 
 
@@ -31,7 +41,11 @@ class RetrievalModel(nn.Module):
 
     Class attributes:
         config_class: the dataclass type of ``config``.
+        speech_input: the raw speech input the model reads (``"waveform"`` or ``"features"``).
+        image_input: the raw image input the model reads (``"pixels"`` or ``"regions"``).
         has_fine_scores: whether :meth:`score_pairs` is implemented.
+        trainable: False for a model with nothing to train (evaluated as built, e.g. a cascade of
+            pretrained systems); the trainer refuses it and ``vgskit eval --model NAME`` evaluates it.
         tower_attributes: tower kind (``"speech"``, ``"image"``) → attribute holding that tower, for
             :meth:`set_tower`.
 
@@ -41,7 +55,10 @@ class RetrievalModel(nn.Module):
     """
 
     config_class: ClassVar[type]
+    speech_input: ClassVar[Literal["waveform", "features"]] = "waveform"
+    image_input: ClassVar[Literal["pixels", "regions"]] = "pixels"
     has_fine_scores: ClassVar[bool] = False
+    trainable: ClassVar[bool] = True
     tower_attributes: ClassVar[Mapping[str, str]] = {}
     sample_rate: int = 16000
 
@@ -50,9 +67,11 @@ class RetrievalModel(nn.Module):
         self.config = config
         self.model_name: str | None = None
 
+    # ------------------------------------------------------------------------------------------ identity
+
     @property
     def embed_dim(self) -> int:
-        """Dimension of the coarse embeddings."""
+        """Dimension of the pooled (coarse) embeddings."""
         raise NotImplementedError
 
     @property
@@ -60,30 +79,85 @@ class RetrievalModel(nn.Module):
         """Image preprocessing as a plain dict: ``size``, ``mean``, ``std``, ``resize_mode``, ``interpolation``."""
         raise NotImplementedError
 
+    # ---------------------------------------------------------------------------------------- embeddings
+
     def encode_speech(self, wavs: Tensor, lengths: Tensor) -> Tensor:
-        """``wavs [B, T]`` float32 at ``sample_rate`` + ``lengths [B]`` samples → ``[B, D]`` unit vectors."""
-        raise NotImplementedError
+        """Shortcut for waveform models: ``wavs [B, T]`` + ``lengths [B]`` samples → pooled ``[B, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not embed waveforms with encode_speech")
 
     def encode_image(self, pixels: Tensor) -> Tensor:
-        """``pixels [B, 3, S, S]`` (normalised per ``image_transform``) → ``[B, D]`` unit vectors."""
-        raise NotImplementedError
+        """Shortcut for pixel models: ``pixels [B, 3, S, S]`` (normalised per ``image_transform``) → ``[B, D]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not embed pixels with encode_image")
 
-    def score_pairs(self, speech_inputs: Any, image_inputs: Any) -> Tensor:
-        """Fine scores ``[B]`` for aligned (speech, image) pairs; only models with ``has_fine_scores``."""
+    def embed_speech(self, speech: SpeechInputs) -> Embeddings:
+        """Embeddings of a batch of speech inputs.
+
+        The default serves waveforms through :meth:`encode_speech`, and cached tower states the same way:
+        while a feature cache is in use the model's frozen speech tower is a reader that takes the cached
+        states in place of waveforms (see :meth:`frozen_towers`).
+        """
+        if speech.kind == "waveform" or (speech.kind == "tower_states" and "speech" in self.frozen_towers()):
+            return Embeddings(self.encode_speech(speech.values, speech.lengths))
+        raise ConfigError(f"{type(self).__name__} reads {self.speech_input} speech inputs, got {speech.kind}")
+
+    def embed_image(self, image: ImageInputs) -> Embeddings:
+        """Embeddings of a batch of image inputs (default: pixels, or cached tower outputs, via ``encode_image``)."""
+        if image.kind == "pixels" or (image.kind == "tower_outputs" and "image" in self.frozen_towers()):
+            return Embeddings(self.encode_image(image.main))
+        raise ConfigError(f"{type(self).__name__} reads {self.image_input} image inputs, got {image.kind}")
+
+    def score_pairs(self, speech: Embeddings, image: Embeddings) -> Tensor:
+        """Fine scores ``[P]`` of row-aligned pairs (``speech`` row p with ``image`` row p); higher = closer."""
         raise NotImplementedError(f"{type(self).__name__} has no fine cross-modal scorer")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Training step outputs: ``{"loss": scalar, **other scalars for logging}``."""
-        raise NotImplementedError
+    # ------------------------------------------------------------------------------------------ training
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        """One training step's named losses (already weighted) and metrics."""
+        raise NotImplementedError(f"{type(self).__name__} has no training step")
+
+    def forward(self, batch: Batch, state: TrainState | None = None) -> StepOutput:
+        # The trainer calls the module (so DDP's hooks run) and the module calls step().
+        return self.step(batch, state if state is not None else TrainState())
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups: ``{"params", "weight_decay"?, "lr_scale"?}`` dicts.
+
+        Default: weight decay on matrices and kernels, none on biases, norms and scalars
+        (:func:`vgskit.train.optim.default_param_groups`).
+        """
+        from vgskit.train.optim import default_param_groups
+
+        return default_param_groups(self, weight_decay)
+
+    def after_step(self, state: TrainState) -> None:
+        """Called after every optimizer update on the bare (unwrapped) model (EMA / momentum teachers).
+
+        ``state.step`` counts the update just made. Default: nothing.
+        """
+
+    def ddp_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``DistributedDataParallel`` (e.g. ``find_unused_parameters=True`` for a model
+        whose loss skips a branch at some steps). Default: none."""
+        return {}
+
+    # ----------------------------------------------------------------------------- frozen-feature caches
 
     def frozen_towers(self) -> dict[str, nn.Module]:
         """Frozen towers whose outputs may be precomputed, by kind (``"speech"``, ``"image"``).
 
         A listed speech tower is only called as ``tower(wavs, lengths)`` and only its output's
         ``hidden_states`` and ``lengths`` are read; a listed image tower is only called as ``tower(pixels)``
-        and only its output's ``pooled`` is read. Default: none.
+        and only the fields :meth:`feature_cache_options` names are read. Default: none.
         """
         return {}
+
+    def feature_cache_options(self) -> dict[str, dict[str, Any]]:
+        """What a cache of each frozen tower must store: ``{kind: {"pooled": bool}}``.
+
+        Default: every hidden state of a speech tower, the pooled vector of an image tower.
+        """
+        return {kind: {"pooled": kind == "image"} for kind in self.frozen_towers()}
 
     def set_tower(self, kind: str, module: nn.Module) -> None:
         """Replace the tower of ``kind`` (e.g. by a cached-feature stand-in with the same call contract)."""

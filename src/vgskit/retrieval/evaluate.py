@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vgskit.contract import Embeddings
 from vgskit.metrics import (
     ScoreBlock,
     Ties,
@@ -48,7 +49,8 @@ from vgskit.metrics import (
     validate_caption_image,
 )
 
-__all__ = ["PairScorer", "Reranker", "coarse_candidates", "evaluate_retrieval", "reranked_first_hit_ranks"]
+__all__ = ["PairScorer", "Reranker", "coarse_candidates", "embed_images", "embed_speech", "evaluate", "evaluate_retrieval",
+           "map_speech", "pair_scorer", "reranked_first_hit_ranks"]
 
 #: ``(speech_idx, image_idx) -> scores``: fine scores of the pairs ``(speech_idx[p], image_idx[p])``, both
 #: int64 ``[P]`` on the embeddings' device; returns ``[P]`` (or ``[P, 1]``, the shape a cross encoder's
@@ -234,3 +236,150 @@ def evaluate_retrieval(
     i2s = reranked_first_hit_ranks(i2s_block, image_query, image_labels, caption_image, **common)
     i2s = i2s[i2s > 0]  # images without captions have nothing to retrieve
     return combine_directions(metrics_from_ranks(s2i, ks), metrics_from_ranks(i2s, ks), ks)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The one evaluation entry point: a model and a dataset -> recall (coarse or coarse-to-fine) + family extras
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _length_order(dataset: Any) -> list[int]:
+    lengths = dataset.num_samples()
+    return sorted(range(len(dataset)), key=lambda i: lengths[i])
+
+
+@torch.no_grad()
+def map_speech(model: torch.nn.Module, dataset: Any, fn: Callable[[Any], Any], batch_size: int = 128) -> list[Any]:
+    """``fn(SpeechInputs) -> per-row results`` over every caption of ``dataset``, in dataset order.
+
+    Captions are batched in length order (little padding) with the model in eval mode (restored after).
+    ``fn`` returns something indexable by row (a tensor ``[B, ...]``, :class:`~vgskit.contract.Embeddings`,
+    a list); the rows come back as a list in dataset order.
+    """
+    _check_positive("batch_size", batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        order = _length_order(dataset)
+        rows: list[Any] = [None] * len(dataset)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out = fn(dataset.speech_inputs(idx))
+            for row, i in enumerate(idx):
+                rows[i] = out[row] if not isinstance(out, Embeddings) else out.select([row])
+    finally:
+        model.train(was_training)
+    return rows
+
+
+@torch.no_grad()
+def embed_speech(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
+    """:class:`Embeddings` of every caption of ``dataset`` (dataset order; float32, CPU)."""
+    _check_positive("batch_size", batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        order = _length_order(dataset)
+        parts, positions = [], []
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            parts.append(model.embed_speech(dataset.speech_inputs(idx)).float_cpu())
+            positions.extend(idx)
+    finally:
+        model.train(was_training)
+    emb = Embeddings.cat(parts)
+    inverse = torch.empty(len(positions), dtype=torch.long)
+    inverse[torch.tensor(positions, dtype=torch.long)] = torch.arange(len(positions))
+    return emb.select(inverse) if emb.tokens is not None else Embeddings(emb.pooled[inverse])
+
+
+@torch.no_grad()
+def embed_images(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
+    """:class:`Embeddings` of every distinct image of ``dataset`` (``image_keys`` order; float32, CPU)."""
+    _check_positive("batch_size", batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(dataset.image_keys)
+        parts = [model.embed_image(dataset.image_inputs(range(s, min(s + batch_size, n)))).float_cpu()
+                 for s in range(0, n, batch_size)]
+    finally:
+        model.train(was_training)
+    return Embeddings.cat(parts)
+
+
+def pair_scorer(model: Any, speech: Embeddings, image: Embeddings, device: torch.device | None = None) -> Reranker:
+    """The model's ``score_pairs`` as a :data:`Reranker` over stored embeddings (rows picked per pair batch)."""
+    device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    @torch.no_grad()
+    def score(speech_idx: Tensor, image_idx: Tensor) -> Tensor:
+        s = speech.select(speech_idx.cpu()).to_device(device)
+        i = image.select(image_idx.cpu()).to_device(device)
+        return model.score_pairs(s, i).float().reshape(-1).cpu()
+
+    return score
+
+
+def evaluate(
+    model: Any,
+    dataset: Any,
+    *,
+    rerank_top: int | None = None,
+    extras: Sequence[str] | dict[str, dict[str, Any]] = (),
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 128,
+    rerank_batch_size: int | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``dataset``: recall both directions, optionally coarse-to-fine, plus extras.
+
+    This is the one entry point that validation during training, ``vgskit eval``, the demo and the search
+    engine's checks use.
+
+    Args:
+        model: a :class:`~vgskit.models.base.RetrievalModel`.
+        dataset: a :class:`~vgskit.data.loader.SpokenCaptionDataset` (``speech_inputs``, ``image_inputs``,
+            ``caption_image_index``, ``image_keys``).
+        rerank_top: re-rank the best ``rerank_top`` coarse candidates of every query with the model's
+            ``score_pairs`` (models with ``has_fine_scores``); ``None``: coarse scores only.
+        extras: family evaluations by name (see :func:`vgskit.extensions.list_evaluations`), or a mapping
+            name → options; each result is stored under its name.
+        ks: recall cut-offs.
+        batch_size: captions / images per embedding batch.
+        rerank_batch_size: pairs per ``score_pairs`` call (``None``: a whole block of queries).
+        source: the data's name for error messages (e.g. the manifest and split).
+
+    Returns:
+        :func:`evaluate_retrieval`'s dictionary (with ``rerank_top`` when re-ranked), plus one entry per extra.
+    """
+    from vgskit.extensions import get_evaluation
+
+    _check_positive("batch_size", batch_size)
+    where = source or "the evaluation data"
+    requested = dict(extras) if isinstance(extras, dict) else {name: {} for name in extras}
+    evaluations = {name: get_evaluation(name) for name in requested}
+    if rerank_top is not None:
+        _check_positive("rerank_top", rerank_top)
+        if not model.has_fine_scores:
+            name = getattr(model, "model_name", None) or type(model).__name__
+            raise ValueError(f"rerank_top: model {name!r} has no fine scorer (score_pairs) to re-rank with")
+    # Everything the model and the data must offer is checked before the (long) embedding passes.
+    for ev in evaluations.values():
+        if ev.require_model is not None:
+            ev.require_model(model)
+        if ev.require_data is not None:
+            ev.require_data(dataset, where)
+    speech = embed_speech(model, dataset, batch_size)
+    image = embed_images(model, dataset, batch_size)
+    caption_image = torch.tensor(dataset.caption_image_index, dtype=torch.long)
+    reranker = pair_scorer(model, speech, image) if rerank_top is not None else None
+    results = evaluate_retrieval(speech.pooled, image.pooled, caption_image, ks=ks, reranker=reranker,
+                                 rerank_top=rerank_top or 100, rerank_batch_size=rerank_batch_size)
+    if rerank_top is not None:
+        results["rerank_top"] = int(rerank_top)
+    for name, ev in evaluations.items():
+        options = {**ev.options, **requested[name]}
+        results[name] = ev.fn(model, dataset, batch_size=batch_size, source=where, options=options,
+                              speech_emb=speech.pooled)
+    return results

@@ -13,6 +13,10 @@ dict before the dataclasses are built, so they are checked exactly like values f
 
     recipe = load_recipe("recipes/flickr8k.yaml", overrides=["train.lr=3e-4", "train.epochs=2"])
     cfg = train_config_from_recipe(recipe)
+
+A recipe may name a ``base:`` recipe whose sections it extends (merged key by key, see
+:func:`resolve_recipe_bases`), so that a family of recipes states each shared setting once. Overrides apply
+after that merge.
 """
 
 from __future__ import annotations
@@ -51,16 +55,30 @@ class TrainConfig:
 
     Less obvious fields:
 
+    * ``optimizer``: a name registered in :mod:`vgskit.train.optim` (``adam``, ``adamw``, ``bertadam``, see
+      :func:`~vgskit.train.optim.list_optimizers`). ``bertadam`` is the FaST-VGS/VG-HuBERT optimizer: set
+      ``eps: 1.0e-6`` (its reference value) and ``schedule: bert_warmup_linear`` to reproduce those trainers.
+    * ``schedule``: a name registered in :mod:`vgskit.train.schedules` (``linear``, ``speechclip``,
+      ``bert_warmup_linear``, see :func:`~vgskit.train.schedules.list_schedules`). ``bert_warmup_linear``
+      needs ``warmup_fraction`` (an exact fraction of the run, not rounded to steps) and ignores ``end_lr``;
+      ``speechclip`` needs a warm-up of at least one step.
+    * ``init_from``: a checkpoint folder whose model weights the run starts from (fine-tuning); unlike
+      resuming, the optimizer, schedule and step start afresh.
     * ``amp``: bf16 autocast on CPU, fp16 autocast with a GradScaler on CUDA.
     * ``ckpt_every``: checkpoint every N steps; checkpoints are also written at each epoch end, when the
       selection metric improves and when training stops. ``keep_last`` step folders are kept (null: all).
     * ``eval_every``: ``'epoch'``, every N steps, or null; the final step is always evaluated.
     * ``select_metric``/``select_mode``: key of the evaluation dict that picks ``checkpoints/best``.
+    * ``batchnorm``: how BatchNorm layers train. ``batch``: each process normalises with its own slice of the
+      batch (so N processes do not train exactly what one process trains); ``frozen``: BatchNorm layers stay in
+      eval mode (running statistics, which are not updated; their affine weights still train), which keeps
+      "N processes = 1 process" exact; ``sync``: ``SyncBatchNorm`` across processes (CUDA only).
     * ``stop_after_steps``: stop (with a checkpoint) after this many steps *of this call*, e.g. to split a
       run into jobs; ``time_budget_s`` does the same after this many seconds of training.
     """
 
-    optimizer: Literal["adam", "adamw"] = "adamw"
+    optimizer: str = "adamw"
+    schedule: str = "linear"
     lr: float = 1e-4
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
@@ -85,12 +103,23 @@ class TrainConfig:
     stop_after_steps: int | None = None
     time_budget_s: float | None = None
     tensorboard: bool = True
+    batchnorm: Literal["batch", "frozen", "sync"] = "batch"
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first field whose value is out of range."""
+        # Imported here: both registries import this module (for the TrainConfig type).
+        from vgskit.train.optim import list_optimizers
+        from vgskit.train.schedules import list_schedules
+
+        optimizers, schedules = list_optimizers(), list_schedules()
+        _check("optimizer", self.optimizer in optimizers,
+               f"must be one of {', '.join(map(repr, optimizers))}", self.optimizer)
+        _check("schedule", self.schedule in schedules,
+               f"must be one of {', '.join(map(repr, schedules))}", self.schedule)
         _check("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0", self.lr)
         _check("weight_decay", self.weight_decay >= 0, "must be >= 0", self.weight_decay)
         _check("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
@@ -107,6 +136,13 @@ class TrainConfig:
         _check("max_steps", self.max_steps is not None or self.epochs is not None,
                "set max_steps or epochs (or both)", self.max_steps)
         _check("end_lr", 0 <= self.end_lr <= self.lr, "must be in [0, lr]", self.end_lr)
+        _check("warmup_fraction", self.schedule != "bert_warmup_linear" or self.warmup_fraction is not None,
+               "the 'bert_warmup_linear' schedule needs warmup_fraction (a fraction of the run; warmup_steps "
+               "is not used by it)", self.warmup_fraction)
+        warmup_key = "warmup_fraction" if self.warmup_fraction is not None else "warmup_steps"
+        _check(warmup_key, self.schedule != "speechclip" or bool(self.warmup_steps or self.warmup_fraction),
+               "the 'speechclip' schedule needs a warm-up: set warmup_steps or warmup_fraction > 0",
+               getattr(self, warmup_key))
         _check("batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
         _check("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 or null",
                self.grad_clip)
@@ -119,11 +155,15 @@ class TrainConfig:
                or (isinstance(self.eval_every, int) and self.eval_every >= 1),
                "must be 'epoch', an integer >= 1 or null", self.eval_every)
         _check("num_workers", self.num_workers >= 0, "must be >= 0", self.num_workers)
+        _check("batchnorm", self.batchnorm in ("batch", "frozen", "sync"), "must be 'batch', 'frozen' or 'sync'",
+               self.batchnorm)
         _check("out_dir", bool(self.out_dir), "must not be empty", self.out_dir)
         _check("stop_after_steps", self.stop_after_steps is None or self.stop_after_steps >= 1,
                "must be >= 1 or null", self.stop_after_steps)
         _check("time_budget_s", self.time_budget_s is None or self.time_budget_s > 0, "must be > 0 or null",
                self.time_budget_s)
+        _check("init_from", self.init_from is None or bool(self.init_from.strip()),
+               "must be a checkpoint folder or null", self.init_from)
 
 
 def _check(key: str, ok: bool, problem: str, value: Any) -> None:
@@ -258,9 +298,91 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # ----------------------------------------------------------------------------------------- recipes, overrides
 
 
+#: The built-in recipes (``vgskit/recipes``): where a ``base:`` name is looked up last.
+BUILTIN_RECIPE_DIR = Path(__file__).parents[1] / "recipes"
+
+
 def load_recipe(path: str | Path, overrides: Iterable[str] | None = None) -> dict[str, Any]:
-    """Read a YAML recipe into a dict of sections and apply dotted ``overrides`` (``"train.lr=3e-4"``)."""
+    """Read a YAML recipe into a dict of sections, merge it over its ``base`` recipes, then apply ``overrides``.
+
+    ``overrides`` are dotted ``KEY=VALUE`` strings (``"train.lr=3e-4"``); they apply to the merged recipe,
+    so they can change a value that only a base recipe sets. See :func:`resolve_recipe_bases`.
+    """
     path = Path(path)
+    return apply_overrides(resolve_recipe_bases(_read_recipe_file(path), path), overrides or [])
+
+
+def resolve_recipe_bases(d: Mapping[str, Any], origin: Path | None = None) -> dict[str, Any]:
+    """Return recipe ``d`` merged over its ``base`` recipe (recursively), without the ``base`` key.
+
+    A recipe may start from another one, so that shared settings are written once::
+
+        base: _speechclip_flickr8k       # a name, or a path ending in .yaml/.yml
+        model: {name: speechclip_parallel_base}
+
+    The base (which may itself have a ``base``) is resolved first, then ``d``'s sections are merged over it:
+    mappings merge key by key, recursively; any other value, lists and null included, replaces the base's.
+    An empty section (``train:`` with nothing under it) changes nothing.
+
+    ``origin`` is the file ``d`` was read from, or None for a recipe built in code. A ``base`` path is
+    relative to ``origin``'s folder (the current directory without one) unless absolute; a ``base`` name is
+    ``<origin's folder>/<name>.yaml`` if that exists, else the built-in ``vgskit/recipes/<name>.yaml``.
+
+    Raises:
+        ConfigError: a base that does not exist (naming the recipe and the base), a chain of bases that
+            comes back to a recipe already in it (naming the chain), or a base file that is not a recipe.
+    """
+    label = str(origin) if origin is not None else "<recipe dict>"
+    seen = [origin.resolve()] if origin is not None else []
+    return _merge_bases(dict(d), origin, [label], seen)
+
+
+def _merge_bases(d: dict[str, Any], origin: Path | None, chain: list[str], seen: list[Path]) -> dict[str, Any]:
+    if "base" not in d:
+        return copy.deepcopy(d)
+    child = {k: v for k, v in d.items() if k != "base"}
+    base_path = _find_base(d["base"], origin, chain[-1])
+    key = base_path.resolve()
+    if key in seen:
+        raise ConfigError(f"recipe {chain[0]}: the chain of base recipes is a cycle: "
+                          f"{' -> '.join([*chain, str(base_path)])}")
+    base = _merge_bases(_read_recipe_file(base_path), base_path, [*chain, str(base_path)], [*seen, key])
+    # An empty section is YAML's null: read it as "nothing to change", not as "remove the base's section".
+    return _deep_merge(base, {k: ({} if v is None else v) for k, v in child.items()})
+
+
+def _find_base(base: Any, origin: Path | None, where: str) -> Path:
+    """The file a ``base:`` value names (see :func:`resolve_recipe_bases` for the rules)."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"recipe {where}: base: must be a recipe name or a .yaml path, got {base!r}")
+    folder = origin.parent if origin is not None else None
+    as_path = Path(base)
+    if as_path.suffix.lower() in (".yaml", ".yml"):
+        candidates = [as_path if as_path.is_absolute() or folder is None else folder / as_path]
+    else:
+        candidates = [folder / f"{base}.yaml"] if folder is not None else []
+        if folder is None or folder.resolve() != BUILTIN_RECIPE_DIR.resolve():
+            candidates.append(BUILTIN_RECIPE_DIR / f"{base}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"recipe {where}: base {base!r} not found (looked for "
+                      f"{', '.join(str(c) for c in candidates)})")
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into a copy of ``base``: mappings key by key, recursively; anything else replaces."""
+    out = copy.deepcopy(dict(base))
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_recipe_file(path: Path) -> dict[str, Any]:
+    """One recipe file as a dict (``base`` not resolved), with a clear error for unreadable or odd files."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
@@ -274,9 +396,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] | None = None) -> dic
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping of sections, got {type(data).__name__}")
     for section, body in data.items():
-        if body is not None and not isinstance(body, dict):
+        if section != "base" and body is not None and not isinstance(body, dict):
             raise ConfigError(f"{section}: recipe section must be a mapping, got {body!r}")
-    return apply_overrides(data, overrides or [])
+    return data
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -341,11 +463,13 @@ def to_jsonable(obj: Any, key: str = "config") -> Any:
 
 
 __all__ = [
+    "BUILTIN_RECIPE_DIR",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "load_recipe",
     "parse_override",
+    "resolve_recipe_bases",
     "to_jsonable",
     "train_config_from_recipe",
 ]

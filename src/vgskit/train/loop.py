@@ -2,12 +2,21 @@
 
 Contract
 --------
-* ``model(batch) -> Mapping[str, Tensor | float]`` with at least ``"loss"`` (a scalar tensor). Other 0-dim
-  entries are averaged over the steps between two log lines and logged. ``batch`` is what ``collate_fn``
-  returns for this process's slice of the global batch, moved to the device. For a loss over the whole
-  global batch (contrastive losses), gather features with
-  :func:`vgskit.train.distributed.all_gather_with_grad` and compute the same global loss on every rank; see
-  that module for why the gradients then equal single-process ones.
+* ``model(batch, state) -> StepOutput`` (:mod:`vgskit.contract`): named, already-weighted losses, which the
+  trainer sums and back-propagates, and metrics; each loss is logged as ``loss/<name>`` beside their sum
+  ``loss``. ``state`` is the :class:`~vgskit.contract.TrainState` of the step (step, epoch, fraction of the
+  run). ``batch`` is what ``collate_fn`` returns for this process's slice of the global batch (a
+  :class:`~vgskit.contract.Batch` for retrieval models), moved to the device. For a loss over the whole global
+  batch (contrastive losses), gather features with :func:`vgskit.train.distributed.all_gather_with_grad` and
+  compute the same global loss on every rank; see that module for why the gradients then equal
+  single-process ones.
+* A :class:`~vgskit.models.base.RetrievalModel` also supplies its optimizer parameter groups
+  (``param_groups``: weight decay and lr scale per group), ``ddp_options`` and an ``after_step(state)`` hook
+  that runs after every optimizer update (EMA / momentum teachers); any other ``nn.Module`` gets the
+  defaults (decay on matrices only, no options, no hook).
+* The optimizer is built by name from the registry of :mod:`vgskit.train.optim` (``adam``, ``adamw``,
+  ``bertadam``, ...), the lr schedule by name from :mod:`vgskit.train.schedules`; ``init_from`` starts the
+  run from another run's model weights.
 * ``train_data`` is a map-style dataset (``__getitem__`` + ``__len__``).
 * ``batch_sampler_factory(epoch, seed) -> list[list[int]]`` returns the epoch's GLOBAL batches of dataset
   indices; it must be deterministic in ``(epoch, seed)`` because every rank calls it and keeps its own
@@ -50,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from vgskit.contract import StepOutput, TrainState
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.train import distributed as D
 from vgskit.train.checkpoint import (
@@ -62,6 +72,7 @@ from vgskit.train.checkpoint import (
     update_best,
 )
 from vgskit.train.config import TrainConfig, to_jsonable
+from vgskit.train.optim import create_optimizer, default_param_groups
 from vgskit.train.schedules import build_scheduler
 from vgskit.train.tracking import MetricsLogger
 
@@ -71,7 +82,8 @@ BatchSamplerFactory = Callable[[int, int], Sequence[Sequence[int]]]
 EvaluateFn = Callable[[nn.Module], "Mapping[str, float] | None"]
 
 # Train-config fields that may change between a run and its resumption without changing the result.
-_RESUME_FREE_FIELDS = {"stop_after_steps", "time_budget_s", "out_dir", "num_workers", "log_every",
+# init_from only matters for a fresh start: a resumed run continues from its own checkpoint.
+_RESUME_FREE_FIELDS = {"stop_after_steps", "time_budget_s", "out_dir", "num_workers", "log_every", "init_from",
                        "tensorboard", "ckpt_every", "keep_last"}
 
 
@@ -117,30 +129,59 @@ class _FixedBatches(Sampler[list[int]]):
 
 
 def param_groups_for_decay(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: weight decay on matrices/kernels, none on parameters with ``ndim < 2``.
+    """Alias of :func:`vgskit.train.optim.default_param_groups` (decay on matrices, none on biases/norms/scalars)."""
+    return default_param_groups(model, weight_decay)
 
-    ``ndim < 2`` catches biases, LayerNorm/BatchNorm scales and scalar parameters such as a contrastive
-    temperature, which weight decay would pull towards 0 for no regularisation benefit.
-    """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+
+def _is_retrieval_model(model: nn.Module) -> bool:
+    from vgskit.models.base import RetrievalModel
+
+    return isinstance(model, RetrievalModel)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW over :func:`param_groups_for_decay` (Adam's ``weight_decay`` is the L2 variant)."""
-    groups = param_groups_for_decay(model, cfg.weight_decay)
-    if not groups:
-        raise ConfigError("model: has no trainable parameters")
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """The registered optimizer ``cfg.optimizer`` over the model's parameter groups."""
+    groups = (model.param_groups(cfg.weight_decay) if _is_retrieval_model(model)  # type: ignore[operator]
+              else default_param_groups(model, cfg.weight_decay))
+    return create_optimizer(groups, cfg)
+
+
+def load_init_weights(model: nn.Module, source: str | Path) -> Path:
+    """Load another run's model weights (``train.init_from``) into ``model``; returns the weights file used.
+
+    ``source`` is a checkpoint folder (``best/``, ``step_N/``), a run folder (its best checkpoint) or a
+    ``model.safetensors`` file. Every tensor of the model must be present with its shape: pre-training and
+    fine-tuning share one architecture (MILAN's CSC pre-training, then the target corpus).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    p = Path(source)
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "best", p / "best", p):
+            if (candidate / "model.safetensors").is_file():
+                p = candidate / "model.safetensors"
+                break
+        else:
+            raise ConfigError(f"train.init_from {source}: no model.safetensors in it (nor in best/ or "
+                              "checkpoints/best/)")
+    if not p.is_file():
+        raise ConfigError(f"train.init_from {source}: not found")
+    try:
+        state = load_file(str(p))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"train.init_from {p}: unreadable weights ({e})") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{what}: {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", wrong)) if keys)
+        raise ConfigError(f"train.init_from {p}: the weights do not fit this model ({details})")
+    model.load_state_dict(state, strict=True)
+    return p
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -155,6 +196,8 @@ def move_to_device(batch: Any, device: torch.device, non_blocking: bool = False)
     """Tensors inside dicts/lists/tuples moved to ``device``; everything else unchanged."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
+    if callable(getattr(type(batch), "to_device", None)):  # the typed batches of vgskit.contract
+        return batch.to_device(device, non_blocking)
     if isinstance(batch, Mapping):
         return type(batch)({k: move_to_device(v, device, non_blocking) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
@@ -223,6 +266,9 @@ class Trainer:
         }
 
         self.total_steps = self._count_total_steps()
+        if _is_retrieval_model(self.model) and not self.model.trainable:
+            raise ConfigError(f"model {model_name or type(self.model).__name__!r} has no trainable weights "
+                              "(evaluate it as built: vgskit eval --model NAME)")
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         # bf16 autocast needs no loss scaling; fp16 on CUDA does.
@@ -352,7 +398,7 @@ class Trainer:
                 with torch.no_grad(), D.local_only():
                     raw = self.evaluate_fn(self.model)
             finally:
-                self.model.train()
+                self._train_mode()
             if raw is not None:
                 try:
                     metrics = {str(k): float(v) for k, v in raw.items()}
@@ -376,22 +422,50 @@ class Trainer:
             self.progress.best_metric, self.progress.best_step = value, self.progress.step
         return better
 
-    def _step(self, batch: Any, where: tuple[int, int, int]) -> tuple[dict[str, torch.Tensor], float]:
+    def _batchnorms(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _train_mode(self) -> None:
+        """Training mode, with BatchNorm layers in eval mode when ``batchnorm: frozen``."""
+        self.model.train()
+        if self.cfg.batchnorm == "frozen":
+            for m in self._batchnorms():
+                m.eval()
+
+    def _prepare_batchnorm(self) -> None:
+        """Under DDP: SyncBatchNorm for ``sync``; a warning that ``batch`` statistics are per process."""
+        norms = [m for m in self._batchnorms() if m.training or self.cfg.batchnorm == "sync"]
+        if not norms:
+            return
+        if self.cfg.batchnorm == "sync":
+            if self.device.type != "cuda":
+                raise ConfigError("train.batchnorm: 'sync' needs CUDA (SyncBatchNorm has no CPU kernel); use "
+                                  "'frozen' for exact multi-process training on CPU")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif self.cfg.batchnorm == "batch" and D.is_main():
+            log.warning("the model has %d BatchNorm layers normalising with each process's slice of the batch: "
+                        "%d processes do not train exactly what 1 process trains (train.batchnorm: frozen or "
+                        "sync makes them equal)", len(norms), self.dist.world_size)
+
+    def _state(self, step: int, epoch_float: float) -> TrainState:
+        return TrainState(step=step, epoch=int(epoch_float), epoch_float=epoch_float, total_steps=self.total_steps)
+
+    def _step(self, batch: Any, where: tuple[int, int, int], state: TrainState
+              ) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer update; returns the detached logging scalars and the lr it used."""
         assert self._ddp_model is not None
         step, epoch, pos = where
         lr = float(self.optimizer.param_groups[0]["lr"])
         try:
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
-                out = self._ddp_model(batch)
-            if not isinstance(out, Mapping) or "loss" not in out:
-                raise TypeError(f"model forward must return a dict with a 'loss' entry, got {type(out).__name__}")
-            loss = out["loss"]
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise TypeError(f"'loss' must be a scalar tensor, got {loss!r}")
+                out = self._ddp_model(batch, state)
+            if not isinstance(out, StepOutput):
+                raise TypeError(f"the model's step must return a vgskit.contract.StepOutput, got {type(out).__name__}")
+            loss = out.loss
             # Agreed across ranks, so that no rank stops while the others wait in a collective.
             if D.any_rank(not bool(torch.isfinite(loss.detach()).item()), self.device):
-                raise FloatingPointError(f"loss is not finite ({loss.item()}) on at least one process")
+                bad = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+                raise FloatingPointError(f"loss is not finite ({bad}) on at least one process")
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
             else:
@@ -407,12 +481,18 @@ class Trainer:
                 self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if _is_retrieval_model(self.model):
+                # On the bare model, after the update: an EMA teacher follows the weights just written.
+                self.model.after_step(TrainState(step=state.step + 1, epoch=state.epoch,  # type: ignore[operator]
+                                                 epoch_float=state.epoch_float, total_steps=state.total_steps))
         except VGSKitError:
             raise
         except Exception as e:
             raise TrainStepError(step, epoch, pos, f"{type(e).__name__}: {e}") from e
-        scalars = {}
-        for k, v in out.items():
+        scalars = {"loss": loss.detach().float().reshape(())}
+        for k, v in out.losses.items():
+            scalars[f"loss/{k}"] = v.detach().float().reshape(())
+        for k, v in out.metrics.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 scalars[k] = v.detach().float().reshape(())
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -430,13 +510,19 @@ class Trainer:
         cfg = self.cfg
         seed_everything(cfg.seed, self.dist.rank)
         resumed_at = self._resume(resume)
+        if resumed_at is None and cfg.init_from:
+            used = load_init_weights(self.model, cfg.init_from)
+            if D.is_main():
+                log.info("initialised the model from %s", used)
         p = self.progress
         if self.dist.distributed:
+            self._prepare_batchnorm()
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self._ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+            options = self.model.ddp_options() if _is_retrieval_model(self.model) else {}  # type: ignore[operator]
+            self._ddp_model = DistributedDataParallel(self.model, device_ids=ids, **options)
         else:
             self._ddp_model = self.model
-        self.model.train()
+        self._train_mode()
 
         main = D.is_main()
         metrics_log = MetricsLogger(self.out_dir, enabled=main, tensorboard=cfg.tensorboard)
@@ -448,7 +534,7 @@ class Trainer:
         elapsed_before = p.elapsed_s
         t_log, samples_since_log = time.monotonic(), 0
         sums: dict[str, torch.Tensor] = {}
-        n_summed = 0
+        counts: dict[str, int] = {}
         steps_this_call = 0
         last_saved, last_eval = (p.step if resumed_at is not None else -1), -1
         last_loss: float | None = None
@@ -492,10 +578,12 @@ class Trainer:
                         raise TrainStepError(*where, f"loading the batch (dataset indices {shown}) failed: "
                                                      f"{type(e).__name__}: {e}") from e
                     batch = move_to_device(batch, self.device, non_blocking=self.device.type == "cuda")
-                    scalars, lr = self._step(batch, where)
+                    state = self._state(p.step, p.epoch + p.batch_in_epoch / n_batches)
+                    scalars, lr = self._step(batch, where, state)
+                    # Per-name counts: a loss whose weight is 0 until some epoch is absent from earlier steps.
                     for k, v in scalars.items():
                         sums[k] = sums[k] + v if k in sums else v.clone()
-                    n_summed += 1
+                        counts[k] = counts.get(k, 0) + 1
                     gbs = len(batches[p.batch_in_epoch])
                     p.step += 1
                     p.batch_in_epoch += 1
@@ -510,7 +598,8 @@ class Trainer:
 
                     if p.step % cfg.log_every == 0:
                         keys = sorted(sums)
-                        means = (D.all_reduce_mean(torch.stack([sums[k] for k in keys])) / n_summed).tolist()
+                        n = torch.tensor([float(counts[k]) for k in keys], device=self.device)
+                        means = (D.all_reduce_mean(torch.stack([sums[k] for k in keys])) / n).tolist()
                         now = time.monotonic()
                         values = dict(zip(keys, means, strict=True))
                         values.update(lr=lr, samples_per_s=samples_since_log / max(now - t_log, 1e-9))
@@ -518,7 +607,7 @@ class Trainer:
                         metrics_log.log("train", p.step, epoch_float, values)
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}",
                                         sps=f"{values['samples_per_s']:.0f}", refresh=False)
-                        sums, n_summed, t_log, samples_since_log = {}, 0, now, 0
+                        sums, counts, t_log, samples_since_log = {}, {}, now, 0
 
                     stop = should_stop()
                     final = stop in ("max_steps", "epochs")
@@ -574,6 +663,7 @@ __all__ = [
     "TrainStepError",
     "Trainer",
     "build_optimizer",
+    "load_init_weights",
     "move_to_device",
     "param_groups_for_decay",
     "seed_everything",

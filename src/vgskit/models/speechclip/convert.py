@@ -1,8 +1,8 @@
-"""Released SpeechCLIP checkpoints → :class:`~vgskit.models.speechclip.SpeechCLIP` (``vgskit convert-speechclip``).
+"""Released SpeechCLIP checkpoints → :class:`~vgskit.models.speechclip.SpeechCLIP` (``vgskit convert speechclip``).
 
 :func:`load_reference_checkpoint` maps the trained weights of the reference implementation's Lightning
 checkpoints onto our model: branch, layer-weight and temperature keys are renamed
-(:func:`~vgskit.models.speechclip_blocks.convert_speechclip_state_dict`), the frozen towers are dropped (ours
+(:func:`~vgskit.models.speechclip.blocks.convert_speechclip_state_dict`), the frozen towers are dropped (ours
 load their own pretrained weights), and the stored keyword table is matched row by row against the text
 tower's token embedding, which recovers the keyword vocabulary's token ids (the reference stores the rows in
 its own order, not sorted by id).
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from vgskit.errors import ConfigError, VGSKitError
-from vgskit.models.speechclip import SpeechCLIP, SpeechCLIPConfig
-from vgskit.models.speechclip_blocks import convert_speechclip_state_dict
+from vgskit.models.speechclip.blocks import convert_speechclip_state_dict
+from vgskit.models.speechclip.model import SpeechCLIP, SpeechCLIPConfig
 
 #: Reference key of the cascaded branch's (reduced) keyword table, and the same table held by the CLIP tower.
 REFERENCE_TABLE_KEYS = ("cascaded_branch.clip.model.token_embedding.weight", "clip.model.token_embedding.weight")
@@ -346,6 +346,18 @@ def load_reference_checkpoint(
 ) -> SpeechCLIP:
     """:func:`convert_reference_checkpoint` without the report: a released checkpoint as a :class:`SpeechCLIP`.
 
-    The model is in eval mode; ``save_pretrained`` writes it as a vgskit model (``vgskit convert-speechclip``).
+    The model is in eval mode; ``save_pretrained`` writes it as a vgskit model (``vgskit convert speechclip``).
     """
     return convert_reference_checkpoint(source, config, allow_pickle=allow_pickle)[0]
+
+
+__all__ = [
+    "REFERENCE_TABLE_KEYS",
+    "REFERENCE_TOWER_PREFIXES",
+    "ReferenceConversion",
+    "UnpickledObject",
+    "convert_reference_checkpoint",
+    "load_reference_checkpoint",
+    "match_token_rows",
+    "read_reference_checkpoint",
+]

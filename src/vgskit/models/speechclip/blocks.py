@@ -15,7 +15,8 @@ What is implemented here (the numerical core, checked against the reference impl
   training, exact one-hots at eval; pad/SOT/EOT ids masked), keyword embeddings = one-hot @ vocabulary.
   :func:`encode_keywords` places them as ``[SOT, kw_1..kw_K, EOT]`` into the frozen CLIP text tower
   (:meth:`vgskit.encoders.text.ClipTextEncoder.forward_embeddings`) and returns the projected EOT state.
-* :func:`key_padding_mask`, :class:`SpeechClipWarmupDecay` (the reference's ``linear_warmup_decay``) and
+* :func:`key_padding_mask`, :class:`SpeechClipWarmupDecay` (the reference's ``linear_warmup_decay``; defined
+  in :mod:`vgskit.train.schedules` as the ``speechclip`` schedule, re-exported here) and
   :func:`convert_speechclip_state_dict` (reference state-dict keys → ours, for released checkpoints).
 * The loss is :class:`vgskit.losses.InfoNCELoss` with ``dedup_images=False, max_logit_scale=None``
   (see :func:`speechclip_loss`); the layer weighting is
@@ -55,6 +56,7 @@ from vgskit.encoders.text import ClipTextEncoder
 from vgskit.errors import ConfigError
 from vgskit.layers import lengths_to_mask
 from vgskit.losses import InfoNCELoss
+from vgskit.train.schedules import SpeechClipWarmupDecay  # lives with the other LR schedules; re-exported
 
 
 def key_padding_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -448,34 +450,6 @@ def speechclip_loss(learnable_temperature: bool = False, init_temperature: float
     )
 
 
-class SpeechClipWarmupDecay:
-    """SpeechCLIP's ``linear_warmup_decay`` multiplier for ``LambdaLR`` (picklable).
-
-    ``factor(step) = (step + 1) / warmup`` during warm-up, then linear to ``final_lr / lr`` at
-    ``max_step - 1``. The first update therefore runs at ``lr / warmup``, not 0: it equals
-    :class:`vgskit.train.schedules.WarmupLinearDecay` shifted by one step. ``hold_final=False`` keeps the
-    reference's unbounded decay (negative learning rates a few steps past ``max_step``).
-    """
-
-    def __init__(self, warmup: int, max_step: int, lr: float, final_lr: float, hold_final: bool = True):
-        if not 0 < warmup < max_step:
-            raise ConfigError(f"warmup: must be in (0, max_step={max_step}) (got {warmup})")
-        if lr <= 0 or not 0 <= final_lr <= lr:
-            raise ConfigError(f"final_lr: must be in [0, lr={lr}] (got {final_lr})")
-        self.warmup = int(warmup)
-        self.max_step = int(max_step)
-        self.final_ratio = float(final_lr) / float(lr)
-        self.hold_final = hold_final
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.hold_final and step >= self.max_step - 1:
-            return self.final_ratio
-        # Same operation order as the reference, so the values agree to the last bit.
-        return 1 - (1 - self.final_ratio) * (step + 1 - self.warmup) / (self.max_step - self.warmup)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoint conversion
 # ---------------------------------------------------------------------------------------------------------
@@ -526,7 +500,7 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
     pretrained weights. The reduced token embedding comes out as ``cascaded.token_embedding.weight``, the
     key of a stand-alone :class:`CascadedBranch`; the assembled model holds no such key (it reads the rows
     from its text tower), so convert a released checkpoint for it with
-    :func:`vgskit.models.speechclip_convert.load_reference_checkpoint`, which checks that table instead.
+    :func:`vgskit.models.speechclip.convert.load_reference_checkpoint`, which checks that table instead.
 
     Raises:
         KeyError: a key that belongs to no known module (nothing is silently lost).

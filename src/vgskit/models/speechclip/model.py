@@ -1,6 +1,6 @@
 """SpeechCLIP (Shih et al., SLT 2022): frozen HuBERT + frozen CLIP, aligned by small trainable speech branches.
 
-The model is assembled from the blocks of :mod:`vgskit.models.speechclip_blocks` (checked against the
+The model is assembled from the blocks of :mod:`vgskit.models.speechclip.blocks` (checked against the
 reference implementation; every name there is re-exported here):
 
 * the speech tower's hidden states (transformer input + every layer) are combined by a softmax-weighted
@@ -16,15 +16,20 @@ reference implementation; every name there is re-exported here):
   names the combination as future work; the reference code's "integrated" configs add the objectives the
   same way. Coarse retrieval uses the parallel embedding (see :meth:`SpeechCLIP.encode_speech`).
 
-Loss: :func:`~vgskit.models.speechclip_blocks.speechclip_loss` (scale ``1/0.07`` fixed for base, learnable
-for large; other captions of the same image leave the denominators).
+Loss: :func:`~vgskit.models.speechclip.blocks.speechclip_loss` (scale ``1/0.07`` fixed for base, learnable
+for large; other captions of the same image leave the denominators). The training step
+(:meth:`SpeechCLIP.step`) returns one named, already-weighted loss per branch (``parallel``, ``cascaded``),
+so the trainer logs each objective on its own and back-propagates their sum.
 
 Towers and checkpoints. The towers are attributes with a narrow contract, so that a feature-cache stand-in
 (:class:`vgskit.data.cache.CachedSpeechEncoder` / ``CachedImageEncoder``) can replace them
 (:meth:`SpeechCLIP.set_tower`): the model only calls ``speech_tower(wavs, lengths)`` and reads
-``.hidden_states`` / ``.lengths``, and ``image_tower(pixels)`` and reads ``.pooled``. Frozen towers are
-*not* written to the state dict: they are the pretrained weights named in the config, loaded again when
-the model is built. A checkpoint therefore holds only the trained parts (megabytes instead of gigabytes),
+``.hidden_states`` / ``.lengths``, and ``image_tower(pixels)`` and reads ``.pooled``. While a cache is in
+use, batches carry ``tower_states`` speech inputs and ``tower_outputs`` image inputs, which go through the
+same two calls (the stand-ins read them). The cache keeps every hidden state of the speech tower (the layer
+weights cover all of them) and the pooled image embedding: the defaults of
+:meth:`~vgskit.models.base.RetrievalModel.feature_cache_options`. Frozen towers are *not* written to the
+state dict: they are the pretrained weights named in the config, loaded again when the model is built. A checkpoint therefore holds only the trained parts (megabytes instead of gigabytes),
 and it has the same keys whether training ran with the real towers or with cached features. Towers that
 are trained (``freeze: false``) are saved as usual.
 
@@ -36,11 +41,12 @@ the table itself is never saved (its rows are read from the text tower's token e
 reference, the vocabulary includes id 0 (the original CLIP tokenizer pads with it) and the start/end of
 text ids, and these rows are masked so a keyword can never be one of them (8,112 entries for Flickr8k).
 
-Released reference checkpoints. :func:`vgskit.models.speechclip_convert.load_reference_checkpoint`
-(``vgskit convert-speechclip``) maps the trained weights of the reference implementation's Lightning checkpoints onto this model: branch, layer
-weights and temperature keys are renamed (:func:`convert_speechclip_state_dict`), the frozen towers are
-dropped (ours load from the hub), and the stored keyword table is matched row by row against the text
-tower's token embedding, which recovers the keyword vocabulary's token ids.
+Released reference checkpoints. :func:`vgskit.models.speechclip.convert.load_reference_checkpoint`
+(``vgskit convert speechclip``) maps the trained weights of the reference implementation's Lightning
+checkpoints onto this model: branch, layer weights and temperature keys are renamed
+(:func:`convert_speechclip_state_dict`), the frozen towers are dropped (ours load from the hub), and the
+stored keyword table is matched row by row against the text tower's token embedding, which recovers the
+keyword vocabulary's token ids.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgskit.contract import Batch, ImageInputs, SpeechInputs, StepOutput, TrainState
 from vgskit.encoders.pretrained_image import PretrainedImageConfig, PretrainedImageEncoder
 from vgskit.encoders.pretrained_speech import (
     PretrainedSpeechConfig,
@@ -65,7 +72,7 @@ from vgskit.errors import ConfigError, VGSKitError
 from vgskit.losses import unique_images
 from vgskit.models.base import RetrievalModel
 from vgskit.models.registry import register_model
-from vgskit.models.speechclip_blocks import (
+from vgskit.models.speechclip.blocks import (
     AttentionAndNorm,
     CascadedBranch,
     CascadedBranchConfig,
@@ -322,10 +329,11 @@ def _keep_unsaved_towers(module: SpeechCLIP, state_dict: dict[str, Any], prefix:
 class SpeechCLIP(RetrievalModel):
     """SpeechCLIP with a parallel branch, a cascaded branch, or both (see the module docstring).
 
-    ``forward(batch)`` reads ``wavs [B, T]``, ``lengths [B]``, ``pixels [B, 3, S, S]`` and ``image_ids [B]``
-    (captions of the same image share an id; each distinct image is encoded once) and returns ``loss``,
-    ``loss_<branch>`` per branch, ``temperature`` and, with the cascaded branch, ``vq_perplexity`` (of the
-    chosen keywords over the batch).
+    :meth:`step` reads the batch's speech (waveforms, or cached tower states) and images (pixels, or cached
+    tower outputs; captions of the same image share an id and each distinct image is encoded once) and
+    returns one weighted contrastive loss per branch (``parallel``, ``cascaded``) and the metrics
+    ``logit_scale``, ``temperature`` and, with the cascaded branch, ``vq_perplexity`` (of the chosen
+    keywords over the batch).
 
     Attributes:
         speech_tower, image_tower, text_tower: the towers (``text_tower`` is ``None`` without a text config).
@@ -422,8 +430,8 @@ class SpeechCLIP(RetrievalModel):
     def frozen_towers(self) -> dict[str, nn.Module]:
         """``{"speech": ..., "image": ...}`` for the towers that are frozen (their outputs may be cached).
 
-        Cache every hidden state of the speech tower (the layer weights cover all of them) and the image
-        tower's pooled embedding.
+        A cache keeps every hidden state of the speech tower (the layer weights cover all of them) and the
+        image tower's pooled embedding: what the default :meth:`feature_cache_options` asks for.
         """
         towers: dict[str, nn.Module] = {}
         if self.config.speech.freeze:
@@ -548,7 +556,7 @@ class SpeechCLIP(RetrievalModel):
 
     @property
     def keyword_token_ids(self) -> Tensor:
-        """``[V]`` CLIP token id of each keyword-vocabulary row (for :func:`vgskit.metrics.keyword_hit_rate`)."""
+        """``[V]`` CLIP token id of each keyword-vocabulary row (for :func:`vgskit.models.speechclip.metrics.keyword_hit_rate`)."""
         return self._keyword_branch()[1].ids
 
     def keyword_table(self) -> Tensor:
@@ -610,31 +618,42 @@ class SpeechCLIP(RetrievalModel):
 
     # ----------------------------------------------------------------------------------------- training
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        wavs, lengths, pixels = batch["wavs"], batch["lengths"], batch["pixels"]
-        image_ids = batch.get("image_ids")
-        if image_ids is None:
-            image_ids = torch.arange(wavs.shape[0], device=wavs.device)
+    def _speech_values(self, speech: SpeechInputs) -> tuple[Tensor, Tensor]:
+        # Cached tower states go through the same speech_tower(values, lengths) call: while a cache is in use
+        # the tower is a reader that takes them in place of waveforms.
+        if speech.kind == "waveform" or (speech.kind == "tower_states" and "speech" in self.frozen_towers()):
+            return speech.values, speech.lengths
+        raise ConfigError(f"SpeechCLIP reads waveforms (or cached speech-tower states), got {speech.kind} inputs")
+
+    def _image_values(self, image: ImageInputs) -> Tensor:
+        if image.kind == "pixels" or (image.kind == "tower_outputs" and "image" in self.frozen_towers()):
+            return image.main
+        raise ConfigError(f"SpeechCLIP reads pixels (or cached image-tower outputs), got {image.kind} inputs")
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        """One contrastive loss per branch, each times its ``<branch>_loss_weight``, against CLIP's image space.
+
+        Both branches read one pass of the speech tower; their sum is the objective of the reference's
+        "integrated" configs (one branch alone: the paper's models).
+        """
+        wavs, lengths = self._speech_values(batch.speech)
         feats, frame_lengths = self.speech_features(wavs, lengths)  # [B, T', D], [B]
         # Each distinct image is encoded once, then expanded back to one row per caption.
-        first, target = unique_images(image_ids)  # [M], [B]
-        image = self._image_embeddings(pixels[first])[target]  # [B, P]
-        out: dict[str, Tensor] = {}
-        total = feats.new_zeros(())
+        first, target = unique_images(batch.image_ids)  # [M], [B]
+        image = self._image_embeddings(self._image_values(batch.image.select(first)))[target]  # [B, P]
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor | float] = {}
         if self.parallel is not None:
             speech = F.normalize(self.parallel(feats, frame_lengths), dim=-1)  # [B, P]
-            loss = self.loss(speech, image, image_ids)
-            total = total + self.config.parallel_loss_weight * loss
-            out["loss_parallel"] = loss.detach()
+            losses["parallel"] = self.config.parallel_loss_weight * self.loss(speech, image, batch.image_ids)
         if self.cascaded is not None:
             speech, cascaded = self._cascaded(feats, frame_lengths)  # [B, P]
-            loss = self.loss(speech, image, image_ids)
-            total = total + self.config.cascaded_loss_weight * loss
-            out["loss_cascaded"] = loss.detach()
-            out["vq_perplexity"] = cascaded.vq.code_perplexity.detach()
-        out["loss"] = total
-        out["temperature"] = 1.0 / self.loss.scale().detach()
-        return out
+            losses["cascaded"] = self.config.cascaded_loss_weight * self.loss(speech, image, batch.image_ids)
+            metrics["vq_perplexity"] = cascaded.vq.code_perplexity.detach()
+        scale = self.loss.scale().detach()
+        metrics["logit_scale"] = scale
+        metrics["temperature"] = 1.0 / scale
+        return StepOutput(losses=losses, metrics=metrics)
 
     # ----------------------------------------------------------------------------------------- corpus
 

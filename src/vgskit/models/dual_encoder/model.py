@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgskit.contract import Batch, StepOutput, TrainState
 from vgskit.encoders.audio_cnn import AudioCNNConfig, AudioCNNEncoder
 from vgskit.encoders.image_cnn import ImageCNNConfig, ImageCNNEncoder
 from vgskit.errors import ConfigError
@@ -95,8 +96,8 @@ class DualEncoderConfig:
 class DualEncoder(RetrievalModel):
     """Two towers + linear projections to a shared space + :class:`~vgskit.losses.InfoNCELoss`.
 
-    ``forward(batch)`` expects ``wavs [B,T]``, ``lengths [B]``, ``pixels [B,3,S,S]`` and ``image_ids [B]``
-    (captions of the same image share an id; each distinct image is encoded once per batch).
+    Reads waveforms and pixels; its step encodes each distinct image of the batch once (captions of the same
+    image share an id) and returns one loss, ``infonce``.
     """
 
     config_class = DualEncoderConfig
@@ -164,18 +165,14 @@ class DualEncoder(RetrievalModel):
             pooled = out.pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        wavs, lengths, pixels = batch["wavs"], batch["lengths"], batch["pixels"]
-        image_ids = batch.get("image_ids")
-        if image_ids is None:
-            image_ids = torch.arange(wavs.shape[0], device=wavs.device)
-        speech = self.encode_speech(wavs, lengths)  # [B, E]
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        speech = self.embed_speech(batch.speech).pooled  # [B, E]
         # Encode each distinct image once (batches hold 2 captions per image, so this halves image compute),
         # then expand back to one row per caption for the loss.
-        first, target = unique_images(image_ids)  # [M], [B]
-        image = self.encode_image(pixels[first])[target]  # [B, E]
-        loss = self.loss(speech, image, image_ids)
-        return {"loss": loss, "logit_scale": self.loss.scale().detach()}
+        first, target = unique_images(batch.image_ids)  # [M], [B]
+        image = self.embed_image(batch.image.select(first)).pooled[target]  # [B, E]
+        loss = self.loss(speech, image, batch.image_ids)
+        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
 
 
 def sinusoidal_positions(length: int, dim: int, like: Tensor) -> Tensor:

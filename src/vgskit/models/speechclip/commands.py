@@ -1,0 +1,211 @@
+"""SpeechCLIP's command-line pieces, registered with :mod:`vgskit.extensions` and added to ``vgskit`` by the CLI.
+
+* ``vgskit keywords --checkpoint RUN a.wav ... [-k 5] [--json kw.json]`` — the subwords each keyword slot of a
+  cascaded model reads from spoken utterances;
+* ``vgskit layers --checkpoint RUN --out layers.png [--json layers.json]`` — the learned weights of the
+  speech tower's hidden states (any model with ``layer_weights()``);
+* ``vgskit convert speechclip CHECKPOINT --config NAME|FILE --out DIR`` — a released reference checkpoint as
+  a vgskit model (:func:`vgskit.models.speechclip.convert.convert_reference_checkpoint`).
+
+Each ``run(args)`` returns the exit status and raises :class:`~vgskit.errors.VGSKitError` for mistakes in
+the input, which the CLI prints as ``vgskit: error: ...``. Heavy imports happen inside the commands, so
+that registering them costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vgskit.errors import VGSKitError
+from vgskit.extensions import register_command, register_converter
+
+__all__ = [
+    "add_convert_arguments",
+    "add_keywords_arguments",
+    "add_layers_arguments",
+    "config_section",
+    "run_convert",
+    "run_keywords",
+    "run_layers",
+]
+
+
+def _name(model: Any) -> str:
+    return str(getattr(model, "model_name", None) or type(model).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vgskit keywords
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_keywords_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``vgskit keywords``."""
+    parser.description = ("Print, per audio file, the top-k vocabulary tokens of each keyword slot with their "
+                          "cosine similarity. Unreadable files are reported and skipped; the exit status is 1 if "
+                          "any file failed.")
+    parser.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
+    parser.add_argument("-k", type=int, default=5, help="tokens per slot (default 5)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="refuse longer files (default 60)")
+    parser.add_argument("--json", default=None, help="also write the keywords (and errors) as JSON")
+    parser.add_argument("audio", nargs="+")
+
+
+def run_keywords(args: argparse.Namespace) -> int:
+    """The keywords of every file of ``args.audio``; 1 when a file could not be read, else 0."""
+    import torch
+
+    from vgskit.audio import load_audio
+    from vgskit.experiment import load_model
+
+    if args.k < 1:
+        raise VGSKitError(f"-k must be >= 1, got {args.k}")
+    model = load_model(args.checkpoint)
+    keywords = getattr(model, "keywords", None)
+    if not callable(keywords):
+        raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} has no keyword slots (keywords()); "
+                          "only cascaded models such as SpeechCLIP-C produce keywords")
+    rate = int(getattr(model, "sample_rate", 16000))
+    report: list[dict[str, Any]] = []
+    failed = 0
+    # One file at a time: a bad file is reported and skipped, and no utterance is padded next to another.
+    for path in args.audio:
+        try:
+            wav = torch.from_numpy(load_audio(path, sample_rate=rate, max_seconds=args.max_seconds))  # [T]
+        except VGSKitError as err:
+            print(f"vgskit: error: {err}", file=sys.stderr)
+            report.append({"audio": path, "error": str(err)})
+            failed += 1
+            continue
+        with torch.no_grad():
+            (slots,) = keywords(wav[None], torch.tensor([len(wav)]), top_k=args.k)
+        print(path)
+        for i, slot in enumerate(slots, start=1):
+            print(f"  slot {i}: " + " ".join(f"{token} ({score:.2f})" for token, score in slot))
+        report.append({"audio": path, "slots": [[{"token": t, "cosine": float(c)} for t, c in slot]
+                                                for slot in slots]})
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if failed:
+        print(f"vgskit: {failed} of {len(args.audio)} file(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vgskit layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def add_layers_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``vgskit layers``."""
+    parser.add_argument("--checkpoint", required=True, help="run folder or saved model folder")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--json", default=None, help="also write the weights ({branch: [w_0, ...]}) as JSON")
+    parser.add_argument("--title", default=None, help="plot title")
+
+
+def run_layers(args: argparse.Namespace) -> int:
+    """Print and plot the hidden-state weights of every branch of ``args.checkpoint``."""
+    from vgskit.experiment import load_model
+    from vgskit.report import plot_layer_weights
+
+    model = load_model(args.checkpoint)
+    layer_weights = getattr(model, "layer_weights", None)
+    if not callable(layer_weights):
+        raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} has no layer weights "
+                          "(layer_weights()); only models with a weighted sum of hidden states, such as SpeechCLIP, "
+                          "have them")
+    weights = {str(branch): [float(v) for v in w.detach().float().cpu().reshape(-1)]
+               for branch, w in layer_weights().items()}
+    if not weights:
+        raise VGSKitError(f"checkpoint {args.checkpoint}: the model reports no layer weights")
+    for branch, values in weights.items():
+        print(f"{branch}: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(values)))
+    print(plot_layer_weights(weights, args.out, title=args.title or f"Hidden-state weights ({args.checkpoint})"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(weights, indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vgskit convert speechclip
+# ---------------------------------------------------------------------------------------------------------
+
+
+def config_section(config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``--config``: a registered SpeechCLIP name, or a JSON/YAML file holding a model section (a mapping with an
+    optional ``name``, or a recipe whose ``model`` section is used); ``--set`` overrides apply to it."""
+    from vgskit.train.config import apply_overrides
+
+    path = Path(config)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise VGSKitError(f"--config {path}: file not found")
+        import yaml
+
+        try:
+            text = path.read_text(encoding="utf-8")
+            # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
+            section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            raise VGSKitError(f"--config {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
+        if isinstance(section, dict) and isinstance(section.get("model"), dict):
+            section = section["model"]  # a recipe
+        if not isinstance(section, dict):
+            raise VGSKitError(f"--config {path}: expected a mapping of SpeechCLIP config values, "
+                              f"got {type(section).__name__}")
+    else:
+        section = {"name": config}
+    return apply_overrides(section, list(overrides))
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``vgskit convert speechclip``."""
+    parser.description = ("Read a checkpoint of the SpeechCLIP reference implementation (Lightning .ckpt, a saved "
+                          "state dict or .safetensors), map its trained weights onto the configured model and save "
+                          "it (model.safetensors + config.json). The frozen HuBERT/CLIP towers are not taken from "
+                          "the file: they load from the config's hub names or folders.")
+    parser.add_argument("checkpoint", help="the reference checkpoint file")
+    parser.add_argument("--config", required=True,
+                        help="registered model (speechclip_parallel_base, speechclip_cascaded_large, ...) or a "
+                             "JSON/YAML file with its config (a model section, or a recipe)")
+    parser.add_argument("--out", required=True, help="folder to write the converted model to")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. branches=both or speech.name_or_path=/models/hubert")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="unpickle the whole file (released .ckpt files pickle their training config); only "
+                             "for files you trust")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Convert ``args.checkpoint`` and save it to ``args.out``, with a summary of what was loaded."""
+    from vgskit.models.registry import save_pretrained
+    from vgskit.models.speechclip.convert import convert_reference_checkpoint
+
+    section = config_section(args.config, args.set)
+    model, report = convert_reference_checkpoint(args.checkpoint, section, allow_pickle=args.allow_pickle)
+    out = save_pretrained(model, args.out)
+    print(f"{args.checkpoint}: {len(report.loaded)} trained tensor(s) loaded into {model.model_name} "
+          f"(branches: {', '.join(model.branch_names)})")
+    if report.defaulted:
+        print(f"  kept at their configured value: {', '.join(report.defaulted)}")
+    if report.dropped:
+        print(f"  frozen-tower tensors not used (the towers load from {model.config.speech.name_or_path!r} and "
+              f"{model.config.image.name_or_path!r}): {len(report.dropped)}")
+    if report.keyword_vocab is not None:
+        print(f"  keyword vocabulary: {len(report.keyword_vocab)} subwords (ids from the {report.keyword_vocab_source})")
+    print(out)
+    return 0
+
+
+register_command("keywords", add_arguments=add_keywords_arguments, run=run_keywords,
+                 help="the keywords a cascaded model reads from spoken utterances")
+register_command("layers", add_arguments=add_layers_arguments, run=run_layers,
+                 help="plot the learned weights of the speech tower's hidden states")
+register_converter("speechclip", add_arguments=add_convert_arguments, run=run_convert,
+                   help="turn a released SpeechCLIP checkpoint into a vgskit model")
