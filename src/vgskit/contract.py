@@ -252,8 +252,10 @@ class Embeddings(_Moveable):
             return Embeddings(self.pooled[rows])
         assert self.mask is not None
         tokens, mask = self.tokens[rows.to(self.tokens.device)], self.mask[rows.to(self.mask.device)]
-        keep = int(mask.sum(1).max()) if mask.numel() else 0  # drop columns that are padding in every row
-        return Embeddings(self.pooled[rows], tokens[:, :max(keep, 1)], mask[:, :max(keep, 1)])
+        # Drop trailing columns that are padding in every selected row (valid tokens may sit anywhere).
+        valid = mask.any(dim=0).nonzero()
+        keep = int(valid.max()) + 1 if valid.numel() else 1
+        return Embeddings(self.pooled[rows], tokens[:, :keep], mask[:, :keep])
 
     def float_cpu(self) -> Embeddings:
         """Float32 copies on the CPU (what the evaluator keeps between batches)."""

@@ -187,7 +187,7 @@ class SearchEngine:
             top = torch.topk(scores, min(k, len(self.image_ids)))
             pairs = zip(top.values.tolist(), top.indices.tolist(), strict=True)
         else:
-            if not getattr(self.model, "has_fine_scores", False):
+            if not self.model.has_fine_scores:
                 raise VGSKitError("rerank_top: this model has no fine scorer (score_pairs) to re-rank with")
             if rerank_top < k:
                 raise VGSKitError(f"rerank_top ({rerank_top}) must be >= k ({k})")
