@@ -914,10 +914,7 @@ class CachedTowers:
     """
 
     def __init__(self, model: nn.Module, caches: dict[str, FeatureCache]):
-        frozen_towers = getattr(model, "frozen_towers", None)
-        towers = dict(frozen_towers()) if callable(frozen_towers) else {}
-        if not callable(getattr(model, "set_tower", None)):
-            raise ConfigError(f"{type(model).__name__} has no set_tower(kind, module); its towers cannot be swapped")
+        towers = dict(model.frozen_towers())  # type: ignore[operator]
         missing = sorted(set(caches) - set(towers))
         if missing:
             raise ConfigError(f"{type(model).__name__} has no frozen {', '.join(missing)} tower to serve from a cache")

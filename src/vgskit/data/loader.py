@@ -326,7 +326,7 @@ class SpokenCaptionDataset(Dataset):
         item: dict[str, Any] = {"wav": wav, "length": int(wav.shape[0]), "image_index": image_index,
                                 "caption_index": index, **image}
         if self.extra_fields:
-            record_extra = getattr(self.records[index], "extra", None) or {}
+            record_extra = self.records[index].extra
             item["extras"] = {name: record_extra.get(name) for name in self.extra_fields}
         return item
 

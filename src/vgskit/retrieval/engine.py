@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vgskit.contract import Embeddings
 from vgskit.errors import VGSKitError
+from vgskit.models.base import RetrievalModel
 from vgskit.fileio import temp_path_for, write_text_atomic
 
 INDEX_FORMAT_VERSION = 1
@@ -49,7 +50,7 @@ class SearchEngine:
     coarse-to-fine retrieval); the hits' scores are then the fine scores.
     """
 
-    def __init__(self, model: torch.nn.Module, image_emb: torch.Tensor | Embeddings, image_ids: Sequence[str],
+    def __init__(self, model: RetrievalModel, image_emb: torch.Tensor | Embeddings, image_ids: Sequence[str],
                  image_paths: Sequence[str]):
         emb = image_emb if isinstance(image_emb, Embeddings) else Embeddings(image_emb.float())
         if emb.pooled.shape[0] != len(image_ids) or len(image_ids) != len(image_paths):
@@ -57,7 +58,7 @@ class SearchEngine:
                 f"index is inconsistent: {tuple(emb.pooled.shape)} embeddings, {len(image_ids)} ids, "
                 f"{len(image_paths)} paths"
             )
-        embed_dim = getattr(model, "embed_dim", emb.pooled.shape[1])
+        embed_dim = model.embed_dim
         if emb.pooled.shape[1] != embed_dim:
             raise VGSKitError(
                 f"index embeddings have dimension {emb.pooled.shape[1]} but the model embeds to {embed_dim}: "
@@ -98,7 +99,7 @@ class SearchEngine:
         for start in rng:
             batch = [transform(load_image(p)) for p in image_paths[start:start + batch_size]]
             chunks.append(model.embed_image(ImageInputs.from_pixels(torch.stack(batch))).float_cpu())
-        emb = Embeddings.cat(chunks) if chunks else Embeddings(torch.zeros(0, getattr(model, "embed_dim", 1)))
+        emb = Embeddings.cat(chunks) if chunks else Embeddings(torch.zeros(0, model.embed_dim))
         return cls(model, emb, ids, [str(p) for p in image_paths])
 
     @classmethod
@@ -149,7 +150,7 @@ class SearchEngine:
         wav_np = np.asarray(wav, dtype=np.float32)
         if wav_np.ndim != 1:
             raise VGSKitError(f"query waveform must be 1-D mono samples, got shape {wav_np.shape}")
-        sr = int(getattr(self.model, "sample_rate", 16000))
+        sr = int(self.model.sample_rate)
         if wav_np.shape[0] < sr * MIN_QUERY_SECONDS:
             raise VGSKitError(
                 f"query waveform is too short: {wav_np.shape[0]} samples ({wav_np.shape[0] / sr:.3f} s); "
@@ -164,7 +165,7 @@ class SearchEngine:
         from vgskit.contract import SpeechInputs
 
         wav_t = torch.from_numpy(self._check_waveform(wav))[None]  # [1, T]
-        sr = int(getattr(self.model, "sample_rate", 16000))
+        sr = int(self.model.sample_rate)
         speech = SpeechInputs.waveform(wav_t, torch.tensor([wav_t.shape[1]]), sr)
         return self.model.embed_speech(speech).float_cpu()
 
@@ -207,6 +208,6 @@ class SearchEngine:
         """Top-k gallery images for an audio file (any format/rate; resampled to the model's rate, mono)."""
         from vgskit.audio import load_audio
 
-        rate = int(getattr(self.model, "sample_rate", 16000))
+        rate = int(self.model.sample_rate)
         return self.search_by_waveform(load_audio(path, sample_rate=rate, max_seconds=max_seconds), k,
                                        rerank_top=rerank_top)
