@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-
 from vgskit.contract import Embeddings
 from vgskit.errors import VGSKitError
-from vgskit.models.base import RetrievalModel
 from vgskit.fileio import temp_path_for, write_text_atomic
+from vgskit.models.base import RetrievalModel
 
 INDEX_FORMAT_VERSION = 1
 # Shorter queries leave the speech encoders with no complete frame after their strided layers.
