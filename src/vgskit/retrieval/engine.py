@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
 from vgskit.contract import Embeddings
 from vgskit.errors import VGSKitError
 from vgskit.fileio import temp_path_for, write_text_atomic
