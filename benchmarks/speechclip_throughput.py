@@ -413,7 +413,13 @@ def run_isolated(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, checked, with ``--quick`` applied and the paths made absolute.
+
+    ``--tmp-dir`` and ``--out`` are resolved against the current folder here: the corpus manifest stores the
+    paths it is given and is read back relative to its own folder, so a relative ``--tmp-dir`` would point
+    every file at ``<tmp-dir>/<tmp-dir>/...``.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
     p.add_argument("--branches", nargs="+", choices=BRANCHES, default=["parallel", "cascaded"])
@@ -445,21 +451,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(run_job(json.loads(args.worker.read_text()))))
-        return {}
+        return args
+    if args.tmp_dir is not None:
+        args.tmp_dir = args.tmp_dir.expanduser().resolve()
+        if not args.tmp_dir.is_dir():
+            p.error(f"--tmp-dir {args.tmp_dir}: not an existing folder")
     if args.quick:
         args.configs, args.files, args.tiny_batch_size = ["tiny"], 4, 4
         args.warmup, args.live_steps, args.cache_steps, args.in_process = 1, 2, 2, True
     if args.out is None:
         args.out = (Path(tempfile.gettempdir()) / "speechclip_throughput_quick.json" if args.quick
                     else Path(__file__).parent / "results" / "speechclip_throughput.json")
+    args.out = args.out.expanduser().resolve()
+    if args.out.is_dir():
+        p.error(f"--out {args.out}: is a folder; give the JSON file to write")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        p.error("--device cuda: no CUDA device is available")
     batch_sizes = {"tiny": args.tiny_batch_size, "base": args.base_batch_size}
     if args.files < max(batch_sizes[c] for c in args.configs):
-        raise SystemExit(f"--files {args.files} is smaller than a batch")
+        p.error(f"--files {args.files} is smaller than a batch")
     if args.seconds < CROP_SECONDS:
-        raise SystemExit(f"--seconds must be at least the {CROP_SECONDS} s training crop")
+        p.error(f"--seconds must be at least the {CROP_SECONDS} s training crop")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_job(json.loads(args.worker.read_text()))))
+        return {}
+    batch_sizes = {"tiny": args.tiny_batch_size, "base": args.base_batch_size}
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_transformers()

@@ -16,11 +16,15 @@ from vgskit.data.manifest import Record, write_manifest
 from vgskit.errors import ConfigError
 
 
+def _tone(n: int) -> np.ndarray:
+    return (0.1 * np.sin(np.arange(n) / 5)).astype(np.float32)
+
+
 def _corpus(root: Path) -> Path:
     root.mkdir(parents=True)
     for i, seconds in enumerate([0.5, 1.0, 1.5, 2.0]):
-        sf.write(root / f"c{i}.wav", np.full(int(16000 * seconds), 0.1, np.float32), 16000)
-    sf.write(root / "short.wav", np.full(800, 0.1, np.float32), 16000)  # 0.05 s: listed as suspicious
+        sf.write(root / f"c{i}.wav", _tone(int(16000 * seconds)), 16000)
+    sf.write(root / "short.wav", _tone(800), 16000)  # 0.05 s: listed as suspicious
     (root / "empty.wav").write_bytes(b"")
     (root / "garbage.wav").write_bytes(b"RIFF not really a wav file at all")
     for name in ("a", "b"):
@@ -51,9 +55,9 @@ def test_all_bad_files_listed_and_summary(tmp_path: Path) -> None:
     manifest = _corpus(tmp_path / "c")
     report = check_manifest(manifest, workers=2, plot=tmp_path / "d.png")
     bad = {Path(b["file"]).name: b["problem"] for b in report["bad_files"]}
-    assert set(bad) == {"empty.wav", "garbage.wav", "gone.wav", "notimg.jpg", "nothere.jpg"}
+    assert set(bad) == {"empty.wav", "garbage.wav", "gone.wav", "notimg.jpg", "nothere.jpg", "trunc.jpg"}
     assert "empty" in bad["empty.wav"] and "not found" in bad["gone.wav"]
-    assert report["bad_file_counts"] == {"audio": 3, "image": 2}
+    assert report["bad_file_counts"] == {"audio": 3, "image": 3}
     assert len(report["manifest_problems"]) == 2  # invalid JSON line + duplicate caption_id
     d = report["durations"]
     assert d["files"] == 5 and d["max"] == 2.0 and d["min"] == 0.05
@@ -71,17 +75,20 @@ def test_all_bad_files_listed_and_summary(tmp_path: Path) -> None:
     assert "PROBLEMS FOUND" in text
 
 
-def test_deep_decoding_finds_truncated_image(tmp_path: Path) -> None:
+def test_truncated_jpeg_found_by_end_marker_without_deep(tmp_path: Path) -> None:
+    # The header of trunc.jpg parses; its missing EOI marker gives it away, so both modes refuse it, as
+    # training (which decodes every image) would.
     manifest = _corpus(tmp_path / "c")
-    shallow = {Path(b["file"]).name for b in check_manifest(manifest)["bad_files"]}
-    deep = {Path(b["file"]).name for b in check_manifest(manifest, deep=True, workers=1)["bad_files"]}
-    assert "trunc.jpg" not in shallow and deep == shallow | {"trunc.jpg"}
+    shallow = {Path(b["file"]).name: b["problem"] for b in check_manifest(manifest)["bad_files"]}
+    deep = {Path(b["file"]).name: b["problem"] for b in check_manifest(manifest, deep=True, workers=1)["bad_files"]}
+    assert "trunc.jpg" in shallow and set(deep) == set(shallow)
+    assert shallow["trunc.jpg"].startswith("truncated or corrupt image data")
 
 
 def test_clean_manifest_is_ok_and_expected_counts_compare(tmp_path: Path) -> None:
     root = tmp_path / "ok"
     root.mkdir()
-    sf.write(root / "a.wav", np.full(1600, 0.1, np.float32), 16000)
+    sf.write(root / "a.wav", _tone(1600), 16000)
     Image.new("RGB", (4, 4)).save(root / "a.jpg")
     manifest = write_manifest([Record("r0", "a.wav", "a.jpg", "a", "dev")], root / "manifest.jsonl")
     report = check_manifest(manifest)
@@ -102,7 +109,7 @@ def test_cli_check_and_prepare(tmp_path: Path, capsys: pytest.CaptureFixture[str
                "--json", str(tmp_path / "r.json"), "--workers", "2"])
     out = capsys.readouterr().out
     assert rc == 1 and "garbage.wav" in out and "MISMATCH" in out and (tmp_path / "p.png").is_file()
-    assert len(json.loads((tmp_path / "r.json").read_text())["bad_files"]) == 5
+    assert len(json.loads((tmp_path / "r.json").read_text())["bad_files"]) == 6
     rc = main(["data", "check", str(manifest), "--no-files"])
     assert "files not checked" in capsys.readouterr().out
     rc = main(["data", "prepare", "places", "--root", str(tmp_path / "c"), "--out", str(tmp_path / "o")])

@@ -12,6 +12,7 @@
     vgskit eval --checkpoint runs/x --manifest M --rerank-top 100  # coarse-to-fine (models with a fine scorer)
     vgskit eval --model NAME --manifest M                          # a registered model as built
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
+    vgskit cache verify /data/features [--model NAME_OR_CHECKPOINT] [--sample 16]   # check a feature cache
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
     vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
     vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # keywords of a cascaded model
@@ -20,21 +21,59 @@
 Commands, evaluations and converters of a model family (``keywords``, ``layers``, ``--zero-shot-text``,
 ``convert speechclip``) come from the registries of :mod:`vgskit.extensions`, filled when the family packages
 are imported.
+
+Errors. Every command checks its options and where it will write (``--out``, ``--json``, ``--plot``: a folder
+where a file is meant or the reverse, a file in the way of a folder to create, a folder it may not write to)
+before it loads a model or reads a corpus, so a mistake costs seconds, not an evaluation. Missing parent
+folders of an output are created. A mistake in the input, and any failure of the file system (permission
+denied, disk full), is printed as one line ``vgskit: error: ...`` naming the file or option, with exit status
+2; never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from vgskit.errors import VGSKitError
+
+
+def _output(path: str | Path | None, option: str, *, folder: bool = False) -> Path | None:
+    """``path`` checked as an output (see :func:`vgskit.experiment.check_output_path`), or None when not given."""
+    if path is None:
+        return None
+    from vgskit.experiment import check_output_path
+
+    return check_output_path(path, option, folder=folder)
+
+
+def _input_file(path: str, option: str) -> None:
+    """Refuse a missing input file before a model is loaded for it."""
+    p = Path(path)
+    if not p.is_file():
+        raise VGSKitError(f"{option} {p}: " + ("is a folder, not a file" if p.is_dir() else "file not found"))
+
+
+def _load_model(checkpoint: str) -> Any:
+    """:func:`vgskit.experiment.load_model`, with the checkpoint named in every error it raises."""
+    from vgskit.experiment import load_model
+
+    try:
+        return load_model(checkpoint)
+    except VGSKitError as err:
+        if str(checkpoint) in str(err):
+            raise
+        raise VGSKitError(f"--checkpoint {checkpoint}: {err}") from None
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from vgskit.demo import run_demo
 
+    _output(args.out, "--out", folder=True)  # before the corpus is generated
     # A run already in --out is continued (interrupted) or reused (finished), never overwritten.
     run_demo(out_dir=args.out, preset=args.preset, recipe=args.recipe, workers=args.workers, overrides=args.set)
     return 0
@@ -45,7 +84,7 @@ def _cmd_data_generate(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise VGSKitError(f"unknown preset {args.preset!r}; choose from {sorted(PRESETS)}")
-    out = Path(args.out) if args.out else preset_dir(args.preset)
+    out = _output(args.out, "--out", folder=True) or preset_dir(args.preset)
     manifest = generate_spoken_scenes(out, PRESETS[args.preset], workers=args.workers)
     print(manifest)
     return 0
@@ -54,6 +93,9 @@ def _cmd_data_generate(args: argparse.Namespace) -> int:
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from vgskit.data.check import check_manifest, format_report, write_report
 
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if _output(path, option) is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # missing folders of an output are created
     report = check_manifest(args.manifest, expected=args.expected, workers=args.workers,
                             check_files=not args.no_files, deep=args.deep, plot=args.plot)
     print(format_report(report))
@@ -69,6 +111,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     from vgskit.data.corpora import REPORT_NAME, prepare_corpus
 
     logging.basicConfig(level=logging.INFO, format="vgskit: %(message)s")
+    _output(args.out, "--out", folder=True)
     opts: dict[str, object] = {"on_missing": args.on_missing, "check_files": not args.no_files}
     if args.images:
         pairs = [i.split("=", 1) for i in args.images if "=" in i]
@@ -96,6 +139,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from vgskit.experiment import train_from_recipe
 
+    _output(args.out, "--out", folder=True)
     summary = train_from_recipe(args.recipe, out_dir=args.out, manifest=args.manifest, corpus=args.corpus,
                                 overrides=args.set, resume=args.resume)
     if summary is not None:
@@ -130,6 +174,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise VGSKitError(f"--rerank-top must be >= 1, got {args.rerank_top}")
     if args.set and args.model is None:
         raise VGSKitError("--set applies to --model NAME (a checkpoint's config is the one it was trained with)")
+    _output(args.json, "--json")  # before the (long) evaluation, not after it
+    _input_file(args.manifest, "--manifest")
     extras: dict[str, dict] = {}
     for name in list_evaluations():
         options = get_evaluation(name).options_from_args(args)
@@ -140,7 +186,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not splits:
         raise VGSKitError(f"corpus {args.corpus!r} has no standard test split (it is used for pretraining)")
     overrides = apply_overrides({}, args.set) if args.set else None
-    model = model_for_evaluation(args.checkpoint, args.model, overrides)
+    model = _load_model(args.checkpoint) if args.checkpoint is not None else model_for_evaluation(
+        None, args.model, overrides)
     per_split = evaluate_splits(model, args.manifest, splits, batch_size=args.batch_size, rerank_top=args.rerank_top,
                                 extras=extras, region_features=args.region_features)
     if by_corpus:
@@ -151,13 +198,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         results = per_split[splits[0]]
         print(_recall_tables(results))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from vgskit.experiment import write_output_text
+
+        write_output_text(args.json, json.dumps(results, indent=2), "--json")
     return 0
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
     from vgskit.experiment import build_index
 
+    _output(args.out, "--out", folder=True)
+    _input_file(args.manifest, "--manifest")
     out = build_index(args.checkpoint, args.manifest, split=args.split, out_dir=args.out,
                       region_features=args.region_features)
     print(out)
@@ -165,10 +216,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from vgskit.experiment import load_model
     from vgskit.retrieval.engine import SearchEngine
 
-    model = load_model(args.checkpoint)
+    if args.k < 1:
+        raise VGSKitError(f"-k must be >= 1, got {args.k}")
+    model = _load_model(args.checkpoint)
     engine = SearchEngine.load(args.index, model)
     for audio in args.audio:
         print(f"{audio}:")
@@ -255,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in list_evaluations():  # the families' own evaluations add their flags
         get_evaluation(name).add_cli_arguments(e)
-    e.add_argument("--json", default=None, help="also write the results to this JSON file")
+    e.add_argument("--json", default=None,
+                   help="also write the results to this JSON file (checked before the evaluation; missing folders "
+                        "are created)")
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("index", help="embed a split's images into a search index")
@@ -275,6 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-rank the N best coarse candidates with the model's fine scorer (N >= k)")
     s.add_argument("audio", nargs="+")
     s.set_defaults(func=_cmd_search)
+
+    from vgskit.data.cache_cli import add_cache_arguments, run_cache
+
+    ca = sub.add_parser("cache", help="inspect and verify frozen-feature caches",
+                        description="Check a frozen-feature cache (data.feature_cache): every index entry against "
+                                    "the data files, and with --model a seeded sample recomputed by the tower.")
+    add_cache_arguments(ca)
+    ca.set_defaults(func=run_cache)
 
     from vgskit.extensions import commands, converters
 
@@ -296,12 +358,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave_process_group(code: int) -> None:
+    """After an error under torch.distributed, end the process at once with ``code``.
+
+    Tearing down a process group whose peer died or hangs can block, or abort the interpreter in the
+    backend's destructor (SIGABRT instead of the error's exit status); the error is already reported.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except VGSKitError as err:
         print(f"vgskit: error: {err}", file=sys.stderr)
+        _leave_process_group(2)
+        return 2
+    except OSError as err:
+        # What the checks before the work cannot foresee (a disk filling up, a permission changed meanwhile)
+        # still ends as one line naming the file, not as a traceback.
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        print(f"vgskit: error: {where + ': ' if where else ''}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vgskit: interrupted", file=sys.stderr)

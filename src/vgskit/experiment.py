@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -38,6 +40,9 @@ from vgskit.data.loader import (
 )
 from vgskit.data.manifest import Record, read_manifest
 from vgskit.errors import ConfigError, VGSKitError
+
+if TYPE_CHECKING:
+    from vgskit.train.config import TrainConfig
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 #: Tower kinds a feature cache can serve (keys of ``model.frozen_towers()``).
@@ -232,6 +237,69 @@ def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return flat
 
 
+def validation_metric_names(*, rerank_top: int | None = None, ks: Sequence[int] = (1, 5, 10),
+                            prefix: str = "val/") -> list[str]:
+    """The metric names validation during training reports, known before any model exists.
+
+    They are the keys of ``flatten_metrics(evaluate(...), "val/")``; they depend on the cut-offs and on
+    re-ranking, not on the numbers, so a 2-caption, 2-image stand-in built the way
+    :func:`vgskit.retrieval.evaluate.evaluate` builds its result gives them. ``train.select_metric`` must be
+    one of them; checking it when the recipe is read saves finding a typo at the first evaluation.
+    """
+    from vgskit.metrics import gallery_sizes, recall_at_k
+
+    caption_image = torch.tensor([0, 1])
+    results: dict[str, Any] = recall_at_k(torch.eye(2), torch.eye(2), caption_image, ks)
+    for direction, sizes in gallery_sizes(caption_image, 2, ks).items():
+        results[direction].update(sizes)
+    if rerank_top is not None:
+        results["rerank_top"] = int(rerank_top)
+    return sorted(flatten_metrics(results, prefix))
+
+
+def check_output_path(path: str | Path, what: str, *, folder: bool = False) -> Path:
+    """Refuse, before any work is spent, an output that could not be written; returns ``path`` as a Path.
+
+    ``folder``: ``path`` is a folder to write into (a run, an index), else a file (a JSON result, a plot).
+    Refused: a folder where a file is meant and the reverse, a file where a parent folder would have to be
+    created, and a location this process may not write to (permission denied, read-only file system). Missing
+    parent folders are fine: they are created when the output is written. Nothing is created here. ``what``
+    names the option in the message (``--out``, ``--json``, ``out_dir``).
+    """
+    p = Path(path)
+    if p.is_dir() and not folder:
+        raise ConfigError(f"{what} {p}: is a folder; give the name of a file to write")
+    if p.exists() and not p.is_dir() and folder:
+        raise ConfigError(f"{what} {p}: is a file, not a folder (choose a folder to write into)")
+    where = p if p.is_dir() else p.parent
+    while not where.exists() and not where.is_symlink() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise ConfigError(f"{what} {p}: {where} is a file, so no folder can be created there")
+    if not _writable(where):
+        raise ConfigError(f"{what} {p}: cannot write into {where} (permission denied or a read-only file system)")
+    return p
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may create files in ``folder`` (the kernel's answer: rights, read-only mounts)."""
+    if os.access in os.supports_effective_ids:
+        return os.access(folder, os.W_OK | os.X_OK, effective_ids=True)
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def write_output_text(path: str | Path, text: str, what: str) -> Path:
+    """Write an output file atomically, creating its missing folders; a failure names ``what`` and the file."""
+    from vgskit.fileio import write_text_atomic
+
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return write_text_atomic(p, text)
+    except OSError as err:
+        raise VGSKitError(f"{what} {p}: cannot be written ({err.strerror or err})") from None
+
+
 def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | Path,
                       manifest: str | None = None, corpus: str | None = None, overrides: Iterable[str] = (),
                       resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -246,6 +314,12 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     one saved with every checkpoint. With ``data.feature_cache`` the model's frozen towers run once over the
     training split and training reads their cached outputs (see :func:`prepare_feature_caches`); the
     summary then has a ``feature_cache`` entry (folder and number of files extracted per tower).
+
+    The recipe is checked against the data before the corpus is decoded or the model built, so that no mistake
+    waits for the first evaluation: the run folder (writable; no checkpoints in it unless ``resume``), the
+    warm-up against the run's length, ``train.select_metric`` against the names validation reports
+    (:func:`validation_metric_names`), the validation split (it must have records), and the batch size against
+    what the training split can fill. Each refusal is a :class:`~vgskit.errors.ConfigError` naming the setting.
     """
     from vgskit.models.registry import create_model
     from vgskit.train.config import TrainConfig, config_from_dict
@@ -265,6 +339,9 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     train_cfg = config_from_dict(TrainConfig, train_d, prefix="train")
     model_d = dict(exp["model"])
     model_name = model_d.pop("name")
+    # The whole recipe is checked before anything is generated, decoded or built: a mistake found at the first
+    # evaluation costs a training's worth of time.
+    _check_training_settings(train_cfg, data_cfg, out_dir, resume=resume)
 
     # Only the main process may generate the corpus; the others wait for it (a file lock would also do).
     dist_info = init_distributed()
@@ -274,6 +351,7 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     if not is_main():
         manifest_path = resolve_manifest(data_cfg, progress=False)
     train_records = read_manifest(manifest_path, split=data_cfg.train_split)
+    val_records = _check_training_data(train_cfg, data_cfg, manifest_path, train_records, dist_info.world_size)
 
     model_d = adapt_model_config(model_name, model_d, train_records, source=f"{manifest_path} "
                                  f"(split {data_cfg.train_split!r})")
@@ -327,7 +405,7 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
         from vgskit.retrieval.evaluate import evaluate
 
         if not val_sets:
-            val_sets.append(make_dataset(manifest_path, data_cfg.val_split, transform,
+            val_sets.append(make_dataset(manifest_path, data_cfg.val_split, transform, records=val_records,
                                          max_seconds=data_cfg.eval_max_seconds, preload=data_cfg.preload,
                                          max_images=data_cfg.val_max_images, progress=False, regions=regions))
         # Validation runs the real frozen towers on raw inputs: its numbers are those of the saved model.
@@ -356,6 +434,68 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     if cache_summary:
         summary["feature_cache"] = cache_summary
     return summary
+
+
+def _check_training_settings(train_cfg: TrainConfig, data_cfg: DataConfig, out_dir: str | Path, *, resume: bool) -> None:
+    """What can be checked in the recipe alone: the run folder, warm-up against length, the selection metric."""
+    from vgskit.train.checkpoint import list_checkpoints
+
+    run = check_output_path(out_dir, "out_dir", folder=True)
+    if not resume and (run / "checkpoints").is_dir() and list_checkpoints(run / "checkpoints"):
+        raise ConfigError(f"out_dir: {run} already holds checkpoints; pass resume=True (vgskit train --resume) to "
+                          "continue that run or choose another out_dir")
+    if train_cfg.warmup_steps and train_cfg.max_steps is not None and train_cfg.warmup_steps > train_cfg.max_steps:
+        raise ConfigError(f"train.warmup_steps: {train_cfg.warmup_steps} is more than train.max_steps "
+                          f"({train_cfg.max_steps}); the learning rate would never reach train.lr")
+    name = train_cfg.select_metric
+    if name is not None:
+        names = validation_metric_names(rerank_top=data_cfg.rerank_top)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"train.select_metric: {name!r} is not a metric validation reports{hint}; "
+                              f"choose one of {', '.join(names)}")
+
+
+def _check_training_data(train_cfg: TrainConfig, data_cfg: DataConfig, manifest_path: Path, train_records: Sequence[Record],
+                         world_size: int) -> list[Record]:
+    """The recipe against the manifest, before the model is built or any file decoded; returns the val records.
+
+    Refused: a validation split with no records (validation runs at least at the end, and picks ``best/``),
+    a batch the training split cannot fill once (too few images with ``captions_per_image`` captions), a
+    global batch that the processes cannot share evenly, and a warm-up longer than the run its epochs give.
+    """
+    splits = sorted({r.split for r in read_manifest(manifest_path, check_files=False)})
+    if data_cfg.val_split not in splits:
+        raise ConfigError(f"data.val_split: no records with split {data_cfg.val_split!r} in {manifest_path} (splits "
+                          f"present: {', '.join(splits)}); validation needs them (set data.val_split, or data.corpus "
+                          "for a corpus's standard split names)")
+    val_records = read_manifest(manifest_path, split=data_cfg.val_split)
+    if train_cfg.batch_size % world_size:
+        raise ConfigError(f"train.batch_size: {train_cfg.batch_size} cannot be split evenly over {world_size} "
+                          "processes; use a multiple of the number of processes")
+    per_image = data_cfg.captions_per_image
+    sampler = paired_batch_sampler_factory(train_records, train_cfg.batch_size, per_image)
+    per_epoch = sampler.num_batches()
+    if per_epoch == 0:
+        counts: dict[str, int] = {}
+        for r in train_records:
+            counts[r.image_id] = counts.get(r.image_id, 0) + 1
+        usable = sum(1 for n in counts.values() if n >= per_image)
+        raise ConfigError(
+            f"train.batch_size: a batch of {train_cfg.batch_size} captions needs "
+            f"{train_cfg.batch_size // per_image} images with {per_image} caption(s) each "
+            f"(data.captions_per_image), but split {data_cfg.train_split!r} of {manifest_path} has {usable} such "
+            f"image(s) ({len(counts)} images, {len(train_records)} captions): not one full batch; lower "
+            "train.batch_size")
+    total = train_cfg.max_steps
+    if train_cfg.epochs is not None:
+        by_epochs = train_cfg.epochs * per_epoch
+        total = by_epochs if total is None else min(total, by_epochs)
+    if train_cfg.warmup_steps and total is not None and train_cfg.warmup_steps > total:
+        raise ConfigError(f"train.warmup_steps: {train_cfg.warmup_steps} is more than the {total} steps this run "
+                          f"takes ({per_epoch} batches per epoch); the learning rate would never reach train.lr")
+    return val_records
 
 
 def _region_source(model: Any, data_cfg: DataConfig) -> RegionSource | None:
@@ -466,20 +606,14 @@ def prepare_feature_caches(model: torch.nn.Module, data_cfg: DataConfig, records
 
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:
-    """A trained model from a checkpoint folder (``best/``, ``step_N/``, a run's ``checkpoints/`` or run dir)."""
+    """A trained model from a checkpoint folder (``best/``, ``step_N/``), a run's ``checkpoints/``, a run folder
+    or the demo's output folder (``train/checkpoints/`` inside it); see
+    :func:`vgskit.train.checkpoint.resolve_model_folder`. A run's ``best/`` is checked against the step the run
+    recorded as best, so an interrupted update of it never hands back an older model."""
     from vgskit.models.registry import load_pretrained
-    from vgskit.train.checkpoint import resolve_checkpoint
+    from vgskit.train.checkpoint import resolve_model_folder
 
-    p = Path(checkpoint)
-    if (p / "checkpoints").is_dir():
-        p = p / "checkpoints"
-    if (p / "best").is_dir():
-        p = p / "best"
-    elif not (p / "config.json").is_file():
-        p = resolve_checkpoint(p)
-    if not (p / "model.safetensors").is_file():
-        raise VGSKitError(f"checkpoint {checkpoint}: no model.safetensors found")
-    return load_pretrained(p)
+    return load_pretrained(resolve_model_folder(checkpoint))
 
 
 def model_for_evaluation(checkpoint: str | Path | None = None, model_name: str | None = None,

@@ -32,6 +32,7 @@ Unlike the reference code (which calls ``topk(100)``) nothing here needs a minim
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -40,13 +41,17 @@ from torch import Tensor
 
 __all__ = [
     "DIRECTION_LABELS",
+    "GALLERY_UNITS",
     "ScoreBlock",
     "Ties",
     "combine_directions",
     "dot_product_blocks",
     "first_hit_ranks",
+    "format_recall_table",
+    "gallery_sizes",
     "image_index_from_ids",
     "metrics_from_ranks",
+    "chance_recall",
     "check_block",
     "check_no_nan",
     "count_ranked_above",
@@ -491,16 +496,98 @@ DIRECTION_LABELS = {
     "text_to_speech": "text to speech",
 }
 
+#: What the gallery of each direction holds (the unit printed beside its size).
+GALLERY_UNITS = {
+    "speech_to_image": "images",
+    "image_to_speech": "spoken captions",
+    "speech_to_text": "caption texts",
+    "text_to_speech": "spoken captions",
+}
+
+
+def chance_recall(n_gallery: int, positives: Sequence[int], ks: Sequence[int] = _DEFAULT_KS) -> dict[str, float]:
+    """Expected R@K (percent) of a ranking drawn uniformly at random: the floor a number must be read against.
+
+    A query with ``c`` relevant items among ``n_gallery`` hits at K with probability
+    ``1 - C(n_gallery - c, K) / C(n_gallery, K)`` (none of the ``c`` among the first K of a random order), which is
+    exactly ``K / n_gallery`` for a single relevant item and 1 once ``K > n_gallery - c``. The result is that
+    probability averaged over the queries, one entry of ``positives`` (their ``c``) each, keyed ``chance_R@K``.
+    Computed with exact integer binomials, so it holds for any gallery size.
+    """
+    ks = _check_ks(ks)
+    if n_gallery < 1:
+        raise ValueError(f"n_gallery must be >= 1, got {n_gallery}")
+    counts: dict[int, int] = {}
+    for c in positives:
+        c = int(c)
+        if not 1 <= c <= n_gallery:
+            raise ValueError(f"a query has {c} relevant items in a gallery of {n_gallery}")
+        counts[c] = counts.get(c, 0) + 1
+    n_queries = sum(counts.values())
+    if n_queries == 0:
+        raise ValueError("no queries to evaluate")
+    out: dict[str, float] = {}
+    for k in ks:
+        total = 0.0
+        for c, n in counts.items():
+            # int / int is correctly rounded in Python even when both binomials are far beyond float range.
+            miss = math.comb(n_gallery - c, k) / math.comb(n_gallery, k) if k <= n_gallery - c else 0.0
+            total += n * (1.0 - miss)
+        out[f"chance_R@{k}"] = 100.0 * total / n_queries
+    return out
+
+
+def gallery_sizes(caption_image: Tensor, n_images: int, ks: Sequence[int] = _DEFAULT_KS) -> dict[str, dict[str, Any]]:
+    """Gallery size and chance recall of both speech <-> image directions, as :func:`retrieval_metrics` counts them.
+
+    A recall number means little without them: R@10 = 100 over a gallery of 8 images is what any ranking scores.
+    ``speech_to_image``: every caption queries the ``n_images`` unique images, one of them relevant (chance
+    ``K / n_images``). ``image_to_speech``: every image with a caption queries all captions, its own ``c`` being
+    relevant (see :func:`chance_recall`). Returns ``{direction: {"n_gallery": int, "chance_R@K": float}}``, to
+    merge into the directions of a result (evaluation does; :func:`format_recall_table` prints them).
+    """
+    caption_image = validate_caption_image(caption_image, n_images)
+    per_image = torch.bincount(caption_image, minlength=n_images)
+    n_captions = int(caption_image.numel())
+    return {
+        "speech_to_image": {"n_gallery": int(n_images), **chance_recall(n_images, [1] * n_captions, ks)},
+        "image_to_speech": {"n_gallery": n_captions,
+                            **chance_recall(n_captions, per_image[per_image > 0].tolist(), ks)},
+    }
+
 
 def format_recall_table(results: Mapping[str, Any], ceiling: Mapping[str, Any] | None = None,
                         ks: Sequence[int] = (1, 5, 10)) -> str:
-    """A plain-text table of R@K per direction (percent), with the ceiling row under each when given."""
-    lines = [f"{'direction':<18}" + "".join(f"{f'R@{k}':>8}" for k in ks)]
+    """A plain-text table of R@K per direction (percent), with the ceiling row under each when given.
+
+    When the results carry them (:func:`gallery_sizes`; :func:`vgskit.retrieval.evaluate.evaluate` adds them),
+    every direction also shows its number of queries and gallery size, a ``(chance)`` row with the recall of a
+    random ranking, and a warning line for every K that is at least the gallery size: such a column reads 100
+    for any model, and a small test split must not pass for a good result.
+    """
+    gallery = any("n_gallery" in results.get(key, {}) for key in DIRECTION_LABELS)
+    head = f"{'direction':<18}" + "".join(f"{f'R@{k}':>8}" for k in ks)
+    lines = [head + (f"{'queries':>10}{'gallery':>10}" if gallery else "")]
+    warnings: list[str] = []
     for key, label in DIRECTION_LABELS.items():
         if key not in results:
             continue
-        lines.append(f"{label:<18}" + "".join(f"{results[key][f'R@{k}']:>8.1f}" for k in ks))
+        row = results[key]
+        line = f"{label:<18}" + "".join(f"{row[f'R@{k}']:>8.1f}" for k in ks)
+        if "n_gallery" in row:
+            n_gallery = int(row["n_gallery"])
+            line += f"{row.get('n_queries', ''):>10}{n_gallery:>10}"
+            if all(f"chance_R@{k}" in row for k in ks):
+                lines.append(line)
+                line = f"{'  (chance)':<18}" + "".join(f"{row[f'chance_R@{k}']:>8.1f}" for k in ks)
+            big = [k for k in ks if k >= n_gallery]
+            if big:
+                unit = GALLERY_UNITS.get(key, "items")
+                unit = unit[:-1] if n_gallery == 1 else unit
+                names = " and ".join(", ".join(f"R@{k}" for k in big).rsplit(", ", 1))
+                warnings.append(f"warning: {label}: the gallery holds only {n_gallery} {unit}, so {names} "
+                                f"(K >= gallery size) {'is' if len(big) == 1 else 'are'} 100 for any ranking")
+        lines.append(line)
         if ceiling is not None and key in ceiling:
             lines.append(f"{'  (ceiling)':<18}" + "".join(f"{ceiling[key][f'R@{k}']:>8.1f}" for k in ks))
-    return "\n".join(lines)
-
+    return "\n".join(lines + warnings)

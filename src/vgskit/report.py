@@ -105,18 +105,42 @@ def _thumbnail_uri(path: str | Path, size: int = 128) -> str:
 
 
 def _recall_table(results: dict[str, Any], ceiling: dict[str, Any] | None, ks: Sequence[int]) -> str:
+    """The recall table; with gallery sizes in the results, also queries, gallery, chance rows and warnings.
+
+    The same facts as :func:`vgskit.metrics.format_recall_table` prints, so that the page never shows a recall
+    without the gallery it was measured on (R@10 = 100 over 8 images is what any ranking scores).
+    """
+    from vgskit.metrics import GALLERY_UNITS
+
+    gallery = any("n_gallery" in results.get(key, {}) for key, _ in DIRECTIONS)
     head = "".join(f"<th>R@{k}</th>" for k in ks)
+    head += "<th>median rank</th>" + ("<th>queries</th><th>gallery</th>" if gallery else "")
     rows = []
+    warnings = []
     for key, label in DIRECTIONS:
         vals = results.get(key, {})
         cells = "".join(f"<td>{vals.get(f'R@{k}', float('nan')):.1f}</td>" for k in ks)
         extra = f"<td>{vals.get('median_rank', float('nan')):.0f}</td>"
+        if gallery:
+            extra += f"<td>{vals.get('n_queries', '')}</td><td>{vals.get('n_gallery', '')}</td>"
         rows.append(f"<tr><th>{label}</th>{cells}{extra}</tr>")
+        blank = "<td></td>" * (3 if gallery else 1)
+        if all(f"chance_R@{k}" in vals for k in ks):
+            ccells = "".join(f"<td class=c>{vals[f'chance_R@{k}']:.1f}</td>" for k in ks)
+            rows.append(f"<tr class=c><td>&nbsp;&nbsp;chance</td>{ccells}{blank}</tr>")
         if ceiling and key in ceiling:
             cvals = ceiling[key]
             ccells = "".join(f"<td class=c>{cvals.get(f'R@{k}', float('nan')):.1f}</td>" for k in ks)
-            rows.append(f"<tr class=c><td>&nbsp;&nbsp;ceiling</td>{ccells}<td></td></tr>")
-    return (f"<table><tr><th>direction</th>{head}<th>median rank</th></tr>" + "".join(rows) + "</table>")
+            rows.append(f"<tr class=c><td>&nbsp;&nbsp;ceiling</td>{ccells}{blank}</tr>")
+        if "n_gallery" in vals:
+            n_gallery = int(vals["n_gallery"])
+            big = [f"R@{k}" for k in ks if k >= n_gallery]
+            if big:
+                unit = GALLERY_UNITS.get(key, "items")
+                unit = unit[:-1] if n_gallery == 1 else unit
+                warnings.append(f"<p class=w>Warning: {html.escape(label)}: the gallery holds only {n_gallery} "
+                                f"{unit}, so {', '.join(big)} (K &ge; gallery size) read 100 for any ranking.</p>")
+    return f"<table><tr><th>direction</th>{head}</tr>" + "".join(rows) + "</table>" + "".join(warnings)
 
 
 def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ceiling: dict[str, Any] | None = None,
@@ -142,6 +166,7 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}",
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}",
         "tr.c td{color:#777;font-style:italic}.q{border-top:1px solid #ddd;padding:1em 0}",
+        "p.w{color:#a40;font-weight:bold}",
         ".hits{display:flex;gap:8px}.hit{text-align:center;font-size:12px}.gold img{outline:4px solid #2a2}",
         "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
@@ -149,6 +174,7 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
         _recall_table(results, ceiling, ks),
         "<p>Recall in percent. speech → image: the gallery is the unique test images; image → speech: the gallery "
         "is every test caption and a query counts as a hit when any caption of its image is in the top K. "
+        "The chance row is the expected recall of a random ranking of that gallery. "
         "The ceiling row is the best expected recall of a system that uses each caption's stated facts "
         "perfectly (captions true of several images leave ties).</p>",
     ]

@@ -29,7 +29,15 @@ index of a large corpus is megabytes, rewriting it every few items would cost mo
 when extraction ends or fails. A killed extraction loses at most the items since the last flush: on reopen
 the ``.bin`` files are cut back to the sizes the index records, and :func:`extract` only runs missing items.
 
-One writer at a time per folder; any number of readers (they only see flushed items).
+Concurrency. Writers to one folder exclude each other with an advisory ``fcntl.flock`` on ``.writer.lock``,
+held for a whole extraction (appends, flushes and the index replacement); each writer re-reads the index once
+it holds the lock, so a second training waits for the first and then extracts only what is still missing
+(two unlocked writers used to append at offsets computed from the same stale index and leave most items
+pointing at another item's bytes). The lock dies with its process (the OS drops it), so a killed writer never
+blocks the next one. Readers take no lock: the data files only grow (or are cut back, under the lock, to what
+the latest index covers), and items become visible only when an index that points at fsynced bytes replaces
+the previous one atomically, so a reader, also one that opened the cache before an append, only ever reads
+complete items. :func:`verify_cache` (``vgskit cache verify``) checks the structure and recomputes a sample.
 """
 
 from __future__ import annotations
@@ -39,6 +47,9 @@ import hashlib
 import json
 import math
 import os
+import random
+import socket
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,9 +69,17 @@ from vgskit.fileio import fsync_dir, write_text_atomic
 from vgskit.images import ImageTransform
 from vgskit.layers import ImageEncoderOutput, SpeechEncoderOutput, lengths_to_mask
 
-CACHE_FORMAT = 1
+# Format 2: written under the writer lock. Caches of format 1 may hold the interleaved appends of unlocked
+# concurrent writers, which cannot be told apart from good data, so they are not reused (another key, so
+# another folder: they are extracted again once).
+CACHE_FORMAT = 2
 INDEX_NAME = "index.json"
 TOWER_NAME = "tower.json"
+LOCK_NAME = ".writer.lock"
+#: Seconds a writer waits for another one to finish before giving up (a large corpus takes hours to extract,
+#: a few minutes of waiting are normal).
+DEFAULT_LOCK_TIMEOUT = 3600.0
+_LOCK_POLL = 0.05
 STORE_DTYPE = np.float16
 _ITEM_BYTES = np.dtype(STORE_DTYPE).itemsize
 Kind = Literal["speech", "image"]
@@ -204,6 +223,39 @@ def tower_key(
     return _hash_json(tower_description(tower, options))
 
 
+def _read_holder(path: Path) -> dict[str, Any]:
+    """The pid/host/time a lock holder wrote into its lock file (``{}`` if none or unreadable)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def lock_holder(lock_path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Whether a process holds the writer lock file ``lock_path``: what it recorded, or ``None`` if free.
+
+    Probes with a non-blocking shared lock, released at once (a writer retrying meanwhile just polls again).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        handle = open(lock_path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_holder(Path(lock_path))
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return None
+    finally:
+        handle.close()
+
+
 def file_identity(path: str | os.PathLike[str]) -> tuple[str, int, int]:
     """``(absolute path, size, mtime_ns)`` of an input file; a changed file gets a new identity."""
     p = os.path.abspath(os.fspath(path))
@@ -241,8 +293,10 @@ class FeatureCache:
         tower_key: from :func:`tower_key` (or use :meth:`for_tower`).
         options: the extraction options; required to create a cache, checked against an existing one.
 
-    Reading: :meth:`get` (``{name: float16 Tensor}``), :meth:`key_for`, ``path in cache``. Writing (one
-    process): :meth:`put` then :meth:`flush`; :func:`extract` does both.
+    Reading: :meth:`get` (``{name: float16 Tensor}``), :meth:`key_for`, ``path in cache``; an open cache is a
+    snapshot of the last flushed index (:meth:`reload` sees later flushes). Writing: inside :meth:`writing`
+    (the folder's writer lock), :meth:`put` then :meth:`flush`; :func:`extract` does all of it. :meth:`put`
+    and :meth:`flush` outside :meth:`writing` take the lock themselves and keep it until :meth:`close`.
     """
 
     def __init__(self, root: str | os.PathLike[str], tower_key: str, options: ExtractionOptions | None = None):
@@ -252,8 +306,12 @@ class FeatureCache:
         self.tower_key = tower_key
         self.folder = self.root / tower_key
         self.index_path = self.folder / INDEX_NAME
+        self.lock_path = self.folder / LOCK_NAME
         self._maps: dict[str, np.memmap] = {}
         self._writers: dict[str, Any] = {}
+        self._lock_handle: Any = None
+        self._lock_depth = 0
+        self._lazy_lock = False
         self._pending = 0
         self._last_flush = time.monotonic()
         if self.index_path.exists():
@@ -282,6 +340,150 @@ class FeatureCache:
             cache.folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(cache.folder / TOWER_NAME, json.dumps(desc, indent=1, sort_keys=True, default=str))
         return cache
+
+    # -- writer lock -------------------------------------------------------------------------------------------
+
+    def lock_holder(self) -> dict[str, Any] | None:
+        """What the process holding the writer lock recorded (``pid``, ``host``, ``since``), or ``None``
+        when no process holds it. A holder that has just taken the lock may not have written yet: ``{}``."""
+        if self._lock_handle is not None:
+            return _read_holder(self.lock_path)
+        return lock_holder(self.lock_path)
+
+    def _holder_text(self) -> str:
+        info = _read_holder(self.lock_path)
+        if not info or "pid" not in info:
+            return "another process (it has not recorded its pid yet)"
+        since = info.get("since")
+        when = f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}" if since else ""
+        return f"pid {info['pid']} on host {info.get('host', '?')}{when}"
+
+    def _acquire_lock(self, timeout: float | None, announce: bool) -> None:
+        if self._lock_handle is not None:
+            self._lock_depth += 1
+            return
+        try:
+            import fcntl
+        except ImportError as exc:  # pragma: no cover - not POSIX
+            raise FeatureCacheError(
+                f"feature cache {self.folder}: writing needs POSIX file locks (fcntl), which this platform lacks"
+            ) from exc
+        if timeout is not None and timeout < 0:
+            raise ConfigError(f"lock timeout must be >= 0 seconds or None, got {timeout}")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle = open(self.lock_path, "a+", encoding="utf-8")  # noqa: SIM115 - kept open while locked
+        except OSError as exc:
+            raise FeatureCacheError(
+                f"feature cache {self.folder}: cannot create the writer lock {self.lock_path} "
+                f"({exc.strerror or exc}); is the folder writable?"
+            ) from exc
+        start = time.monotonic()
+        announced = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                except OSError as exc:  # ENOLCK, EOPNOTSUPP...: unlocked writes could corrupt the cache
+                    raise FeatureCacheError(
+                        f"feature cache {self.folder}: cannot lock {self.lock_path} ({exc.strerror or exc}): the "
+                        "file system does not support file locks, so concurrent writers could not be kept apart; "
+                        "put the cache on a file system that does (a local disk)"
+                    ) from exc
+                waited = time.monotonic() - start
+                if timeout is not None and waited >= timeout:
+                    raise FeatureCacheError(
+                        f"feature cache {self.folder} is being written by {self._holder_text()}; gave up waiting "
+                        f"after {waited:.0f} s. Let that extraction finish (its items are then reused) or stop it, "
+                        "then run again"
+                    )
+                if announce and not announced:
+                    print(f"feature cache {self.folder}: {self._holder_text()} is writing it; waiting for it to "
+                          "finish (its items are reused)", file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(_LOCK_POLL if timeout is None else max(0.0, min(_LOCK_POLL, timeout - waited)))
+            # Informational only (who holds the lock, for the messages above); the lock is the flock itself.
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            handle.flush()
+        except BaseException:
+            handle.close()
+            raise
+        self._lock_handle = handle
+        self._lock_depth = 1
+        try:
+            self.reload()  # what earlier writers flushed: extract only what is still missing, append after it
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _release_lock(self) -> None:
+        if self._lock_handle is None:
+            return
+        self._lock_depth -= 1
+        if self._lock_depth > 0:
+            return
+        import fcntl
+
+        handle, self._lock_handle = self._lock_handle, None
+        try:
+            handle.seek(0)
+            handle.truncate()
+        except OSError:
+            pass
+        finally:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            finally:
+                handle.close()
+
+    def _ensure_lock(self) -> None:
+        # put()/flush() outside writing(): take the lock now, keep it until close().
+        if self._lock_handle is None:
+            self._acquire_lock(DEFAULT_LOCK_TIMEOUT, announce=False)
+            self._lazy_lock = True
+
+    @contextmanager
+    def writing(self, timeout: float | None = DEFAULT_LOCK_TIMEOUT, announce: bool = False) -> Iterator[FeatureCache]:
+        """Hold the folder's writer lock for a block of :meth:`put` calls; flush and release on exit.
+
+        Waits while another process (or another :class:`FeatureCache` of this folder) writes, at most
+        ``timeout`` seconds (``None``: no limit), then raises :class:`FeatureCacheError` naming the folder and
+        the holder's pid. ``announce`` prints one line to stderr when it has to wait. Once the lock is held
+        the index is re-read, so items another writer added meanwhile are seen (and not extracted again).
+        Items put inside the block are flushed on exit, also when the block raises (they are complete).
+        """
+        self._acquire_lock(timeout, announce)
+        try:
+            yield self
+        finally:
+            try:
+                if self._lock_depth == 1:
+                    self._close_writers()
+            finally:
+                self._release_lock()
+
+    def reload(self) -> None:
+        """Re-read the index from disk, to see items that other writers flushed since this cache was opened."""
+        if self._pending:
+            raise FeatureCacheError(f"{self.folder}: reload() with {self._pending} unflushed items; flush first")
+        if not self.index_path.exists():
+            return
+        fresh = self._read_index()
+        if fresh.options != self._index.options:
+            raise FeatureCacheError(f"{self.index_path}: cache was built with {fresh.options}, not {self.options}")
+        mine = self._index.meta
+        self._index = fresh
+        self.set_meta(mine)  # metadata recorded in memory before the reload must agree with the file's
+        self._by_source = {e.source: k for k, e in self._index.items.items()}
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        self._maps.clear()
 
     # -- index -------------------------------------------------------------------------------------------------
 
@@ -347,6 +549,11 @@ class FeatureCache:
                 raise FeatureCacheError(f"{self.index_path}: metadata {k}={self._index.meta[k]!r}, now {v!r}")
         self._index.meta.update(meta)
 
+    @property
+    def data_sizes(self) -> dict[str, int]:
+        """Float16 values each ``<array>.bin`` holds according to the index (a copy)."""
+        return dict(self._index.sizes)
+
     def __len__(self) -> int:
         return len(self._index.items)
 
@@ -407,15 +614,22 @@ class FeatureCache:
         return w
 
     def put(self, path: str | os.PathLike[str], arrays: dict[str, np.ndarray | Tensor]) -> str:
-        """Append the arrays of input ``path`` (stored as float16); visible to readers after :meth:`flush`."""
+        """Append the arrays of input ``path`` (stored as float16); visible to readers after :meth:`flush`.
+
+        Takes the writer lock if this cache does not hold it yet (see :meth:`writing`).
+        """
         source, _, _ = file_identity(path)
         key = self.key_for(path)
         entry = _Entry(source, {})
+        stored = {}
         for name, value in arrays.items():
             arr = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
             arr = np.ascontiguousarray(arr, dtype=STORE_DTYPE)
             if not np.isfinite(arr).all():
                 raise FeatureCacheError(f"{source}: non-finite features (overflow in float16?); not cached")
+            stored[name] = arr
+        self._ensure_lock()
+        for name, arr in stored.items():
             w = self._writer(name)
             offset = self._index.sizes.get(name, 0)
             w.write(arr.tobytes())
@@ -430,7 +644,11 @@ class FeatureCache:
         return key
 
     def flush(self) -> None:
-        """Make appended items durable and visible: fsync the data files, then replace the index atomically."""
+        """Make appended items durable and visible: fsync the data files, then replace the index atomically.
+
+        Takes the writer lock if this cache does not hold it yet (see :meth:`writing`).
+        """
+        self._ensure_lock()
         for w in self._writers.values():
             w.flush()
             os.fsync(w.fileno())
@@ -457,14 +675,24 @@ class FeatureCache:
         if self._pending >= every and time.monotonic() - self._last_flush >= interval:
             self.flush()
 
+    def _close_writers(self) -> None:
+        try:
+            if self._pending or (self._lock_handle is not None and not self.index_path.exists()):
+                self.flush()
+        finally:
+            for w in self._writers.values():
+                w.close()
+            self._writers.clear()
+            self._maps.clear()
+
     def close(self) -> None:
-        """Flush pending items and close the data files."""
-        if self._pending or not self.index_path.exists():
-            self.flush()
-        for w in self._writers.values():
-            w.close()
-        self._writers.clear()
-        self._maps.clear()
+        """Flush pending items, close the data files, and release the writer lock taken by :meth:`put`."""
+        try:
+            self._close_writers()
+        finally:
+            if self._lazy_lock:
+                self._lazy_lock = False
+                self._release_lock()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -576,8 +804,13 @@ def extract(
     flush_interval: float = 10.0,
     device: str | torch.device | None = None,
     check_key: bool = True,
+    lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
 ) -> int:
     """Run ``tower`` on the inputs the cache lacks and store its outputs; returns how many were extracted.
+
+    The whole extraction holds the cache folder's writer lock (see :meth:`FeatureCache.writing`): another
+    process extracting into the same folder is waited for (with ``progress``, a line on stderr says so), and
+    what it extracted meanwhile is not extracted again.
 
     Args:
         cache: target cache; its :attr:`FeatureCache.options` say what to store.
@@ -591,6 +824,8 @@ def extract(
         flush_interval: minimum seconds between two periodic flushes.
         device: where to run the tower (default: where its parameters are).
         check_key: recompute :func:`tower_key` and refuse a tower that does not match the cache.
+        lock_timeout: seconds to wait for another writer of the folder before raising
+            :class:`FeatureCacheError` (naming the folder and the holder's pid); ``None``: no limit.
     """
     if batch_size < 1 or flush_every < 1:
         raise ConfigError(f"extract: batch_size and flush_every must be >= 1, got {batch_size}, {flush_every}")
@@ -603,38 +838,427 @@ def extract(
                 f"weights or options); open FeatureCache.for_tower(root, tower, options) instead"
             )
     paths = _input_paths(inputs, opts.kind)
-    todo = [p for p in paths if p not in cache]
-    if not todo:
-        return 0
+    if all(p in cache for p in paths):
+        return 0  # everything is in the flushed index this cache opened: nothing to write, no lock needed
     if device is None:
         first = next(iter(tower.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     run = _speech_batch if opts.kind == "speech" else _image_batch
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    with cache.writing(timeout=lock_timeout, announce=progress):
+        todo = [p for p in paths if p not in cache]  # after the reload: another writer may have done them
+        if not todo:
+            return 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"extract {opts.kind} {cache.tower_key}", unit="file")
+            bar = tqdm(total=len(todo), desc=f"extract {opts.kind} {cache.tower_key}", unit="file")
+        was_training = tower.training
+        tower.eval()
+        done = 0
+        try:
+            with torch.no_grad():
+                for chunk in _batches(todo, batch_size):
+                    for p, arrays in zip(chunk, run(cache, tower, chunk, device), strict=True):
+                        cache.put(p, arrays)
+                        done += 1
+                    cache.maybe_flush(flush_every, flush_interval)
+                    if bar is not None:
+                        bar.update(len(chunk))
+        finally:
+            # Keep every finished item, also when interrupted (Ctrl-C, an unreadable file): a rerun resumes.
+            # writing() flushes them on exit, before the lock is released.
+            tower.train(was_training)
+            if bar is not None:
+                bar.close()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Verification
+# ---------------------------------------------------------------------------------------------------------------
+
+# How far a recomputed value may be from the stored one. Stored s = fp16(x), x the float32 output at
+# extraction. Float16 keeps 11 significant bits, so round-to-nearest moves a normal value by at most 2**-11
+# of its magnitude (half a unit in the last place) and a subnormal one (below 2**-14) by at most 2**-25;
+# seen from the stored side, |x| <= |s| (1 + 2**-10), hence |x - s| <= 2**-11 (1 + 2**-10) |s| + 2**-25.
+# The recomputation y is not bit-identical to x either: another batch composition (padding), device, thread
+# count or kernel (cuDNN convolutions use TF32 by default, float32 sums change with their order) moves the
+# float32 outputs by up to about 1e-3 of the activations' scale after a deep tower. Part of that error is
+# multiplicative (it scales with the value) and part comes from sums over the other elements (it scales with
+# the typical activation, not this one), so the default allowance is KERNEL_RTOL * (|s| + rms(s)) with the
+# RMS taken over the item's array, ten times the expected variation. Items that hold another item's
+# features, garbage, NaN or inf differ by about rms(s) at most of their values and are far outside it; so is a
+# corrupted sign, exponent or high mantissa byte. A flip of one of the lowest mantissa bits (< 1 % of a value)
+# can pass: that is below what kernel variation alone can produce.
+FP16_RTOL = 2.0**-11 * (1.0 + 2.0**-10)
+FP16_ATOL = 2.0**-25
+KERNEL_RTOL = 1e-2
+_SHOWN = 20  # problems, mismatches and skipped items listed by VerifyReport.format
+
+
+@dataclass
+class CacheMismatch:
+    """One stored array that does not match the tower's recomputation of its input file."""
+
+    key: str
+    source: str
+    array: str
+    data_file: str
+    max_abs_diff: float
+    bad_values: int
+    values: int
+    detail: str = ""
+
+    def describe(self) -> str:
+        """One line naming the input file, the data file and how far off the stored values are."""
+        what = self.detail or f"{self.bad_values} of {self.values} values outside the tolerance"
+        return f"{self.source}: {self.array!r} in {self.data_file}: max abs diff {self.max_abs_diff:.4g} ({what})"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`check_cache_structure` / :func:`verify_cache` found in one cache folder.
+
+    ``problems`` are structural (the index against the data files), ``mismatches`` are stored values that
+    differ from a recomputation, ``skipped`` are items that could not be recomputed (their input file is
+    missing or changed since extraction: the cache no longer serves them), ``notes`` are harmless findings.
+    """
+
+    folder: str
+    tower_key: str
+    kind: str | None = None
+    items: int = 0
+    recomputed: bool = False
+    checked: int = 0
+    checked_sources: list[str] = field(default_factory=list)
+    mismatches: list[CacheMismatch] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No structural problem and no mismatch."""
+        return not self.problems and not self.mismatches
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (with ``ok``)."""
+        return {**dataclasses.asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        """A human-readable summary, ending with ``result: OK`` or ``result: PROBLEMS FOUND``."""
+
+        def listed(lines: Sequence[str]) -> list[str]:
+            more = [f"    ... and {len(lines) - _SHOWN} more"] if len(lines) > _SHOWN else []
+            return [f"    - {line}" for line in lines[:_SHOWN]] + more
+
+        out = [f"feature cache {self.folder}",
+               f"  tower key {self.tower_key}, {self.kind or 'unknown'} features, {self.items} items"]
+        if self.problems:
+            out += [f"  structure: {len(self.problems)} problem(s)", *listed(self.problems)]
+        else:
+            out.append("  structure: OK (index entries lie inside complete data files, no two share bytes)")
+        if not self.recomputed:
+            out.append("  values: not recomputed (give the tower, e.g. --model NAME_OR_CHECKPOINT)")
+        elif self.mismatches:
+            out += [f"  values: {len(self.mismatches)} of {self.checked} recomputed items do not match",
+                    *listed([m.describe() for m in self.mismatches])]
+        else:
+            out.append(f"  values: {self.checked} of {self.items} items recomputed, all match")
+        if self.skipped:
+            out += [f"  skipped: {len(self.skipped)} item(s) not recomputed", *listed(self.skipped)]
+        out += [f"  note: {n}" for n in self.notes]
+        out.append(f"  result: {'OK' if self.ok else 'PROBLEMS FOUND'}")
+        return "\n".join(out)
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
+def _expected_arrays(options: ExtractionOptions, meta: dict[str, Any]) -> dict[str, tuple[int | None, ...]]:
+    """Array name -> expected shape (``None``: any size) from the options and the recorded metadata."""
+    width = meta.get("width")
+    if options.kind == "speech":
+        layers = len(meta["layers"]) if isinstance(meta.get("layers"), list) else None
+        return {"hidden": (layers, width) if options.pooled else (layers, None, width)}
+    shapes: dict[str, tuple[int | None, ...]] = {"pooled": (width,)}
+    if not options.pooled:
+        tok = meta.get("tokens_shape")
+        shapes["tokens"] = tuple(tok) if isinstance(tok, list) else (None, None)
+    return shapes
+
+
+def check_cache_structure(folder: str | os.PathLike[str]) -> VerifyReport:
+    """Check one cache folder (``root/<tower_key>``) without a tower: the index against the data files.
+
+    Every index entry must lie inside the data its ``.bin`` file holds, no two entries may share values
+    (appends never reuse space, so overlaps are corruption), shapes must agree with the recorded metadata,
+    and no input file may be listed twice. Raises :class:`FeatureCacheError` if ``folder`` has no index.
+    """
+    folder = Path(folder)
+    index_path = folder / INDEX_NAME
+    if not index_path.is_file():
+        raise FeatureCacheError(f"{folder}: not a feature cache (no {INDEX_NAME})")
+    report = VerifyReport(str(folder), folder.name)
+    problems = report.problems
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        problems.append(f"{index_path}: unreadable ({exc.strerror or exc})")
+        return report
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{index_path}: corrupt or truncated JSON ({exc})")
+        return report
+    if not isinstance(data, dict):
+        problems.append(f"{index_path}: not a JSON object")
+        return report
+    if data.get("format") != CACHE_FORMAT:
+        why = (" (written without the writer lock: concurrent trainings may have corrupted it, so this version "
+               "does not reuse it; delete the folder)") if data.get("format") == 1 else ""
+        problems.append(f"{index_path}: format {data.get('format')!r}, this version reads format {CACHE_FORMAT}{why}")
+        return report
+    if data.get("tower_key") != folder.name:
+        problems.append(f"{index_path}: written for tower key {data.get('tower_key')!r}, but lies in {folder.name!r}")
+    try:
+        options: ExtractionOptions | None = ExtractionOptions.from_json(data["options"])
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+        problems.append(f"{index_path}: malformed options ({type(exc).__name__}: {exc})")
+        options = None
+    report.kind = None if options is None else options.kind
+    meta = data.get("meta", {})
+    if not isinstance(meta, dict):
+        problems.append(f"{index_path}: malformed meta (not an object)")
+        meta = {}
+    raw_sizes, items = data.get("sizes"), data.get("items")
+    try:
+        if not isinstance(raw_sizes, dict) or not isinstance(items, dict):
+            raise TypeError("'sizes' and 'items' must be objects")
+        sizes = {str(k): _int(v) for k, v in raw_sizes.items()}
+        if any(v < 0 for v in sizes.values()):
+            raise ValueError("negative size")
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{index_path}: malformed sizes/items ({exc})")
+        return report
+    report.items = len(items)
+
+    for name, n in sorted(sizes.items()):
+        path = folder / f"{name}.bin"
+        need = n * _ITEM_BYTES
+        have = path.stat().st_size if path.is_file() else None
+        if have is None:
+            if need:
+                problems.append(f"{path}: missing (the index records {n} values in it)")
+        elif have < need:
+            problems.append(f"{path}: truncated ({have} bytes, the index expects {need})")
+        elif have > need:
+            report.notes.append(f"{path}: {have - need} bytes after the indexed data (left by an interrupted "
+                                "extraction; the next one cuts them off)")
+    for path in sorted(folder.glob("*.bin")):
+        if path.stem not in sizes:
+            report.notes.append(f"{path}: not referenced by the index")
+
+    expected = _expected_arrays(options, meta) if options is not None else None
+    ranges: dict[str, list[tuple[int, int, str]]] = {}
+    sources: dict[str, str] = {}
+    for key, raw in items.items():
+        if not isinstance(raw, dict) or not isinstance(raw.get("source"), str) or not isinstance(
+                raw.get("arrays"), dict):
+            problems.append(f"{index_path}: item {key}: malformed (needs 'source' and 'arrays')")
+            continue
+        source = raw["source"]
+        where = f"item {key} ({source})"
+        if source in sources:
+            problems.append(f"{index_path}: {source} is listed twice (items {sources[source]} and {key})")
+        sources[source] = key
+        if expected is not None and set(raw["arrays"]) != set(expected):
+            problems.append(f"{where}: arrays {sorted(raw['arrays'])}, a {report.kind} cache with these options "
+                            f"holds {sorted(expected)}")
+        for name, spec in raw["arrays"].items():
+            try:
+                off, shape = spec
+                off, shape = _int(off), tuple(_int(d) for d in shape)
+                if off < 0 or any(d < 0 for d in shape):
+                    raise ValueError("negative offset or dimension")
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{where}: array {name!r}: malformed offset/shape {spec!r} ({exc})")
+                continue
+            n = math.prod(shape)
+            if name not in sizes:
+                problems.append(f"{where}: array {name!r} has no data file in the index")
+            elif off + n > sizes[name]:
+                problems.append(f"{where}: {name}.bin values [{off}, {off + n}) lie outside the "
+                                f"{sizes[name]} values the index records")
+            else:
+                ranges.setdefault(name, []).append((off, off + n, key))
+            want = None if expected is None else expected.get(name)
+            if want is not None and (len(want) != len(shape) or any(w is not None and w != d
+                                                                    for w, d in zip(want, shape, strict=True))):
+                shown = [("?" if w is None else w) for w in want]
+                problems.append(f"{where}: array {name!r} has shape {list(shape)}, the cache's metadata says {shown}")
+    for name, spans in sorted(ranges.items()):
+        spans.sort()
+        end_so_far, owner = 0, ""
+        for start, end, key in spans:
+            if start < end_so_far:
+                problems.append(f"{folder / (name + '.bin')}: items {owner} and {key} share values "
+                                f"[{start}, {min(end, end_so_far)})")
+            if end > end_so_far:
+                end_so_far, owner = end, key
+
+    tower_file = folder / TOWER_NAME
+    if not tower_file.is_file():
+        report.notes.append(f"{tower_file}: missing (only says what the folder holds; nothing reads it)")
+    info = lock_holder(folder / LOCK_NAME)
+    if info is not None:
+        who = f"pid {info['pid']} on host {info.get('host', '?')}" if "pid" in info else "another process"
+        report.notes.append(f"{who} is writing this cache now; checked its last flushed state")
+    return report
+
+
+def _compare(stored: Tensor, fresh: np.ndarray, atol: float | None) -> tuple[float, int, str]:
+    """``(max abs diff, values outside the tolerance, detail)`` of one stored array and its recomputation."""
+    s = stored.double().numpy()
+    if s.shape != fresh.shape:
+        return math.inf, int(s.size), f"stored shape {list(s.shape)}, recomputed {list(fresh.shape)}"
+    y = fresh.astype(np.float64)
+    finite = np.isfinite(s)
+    if not finite.all():
+        return math.inf, int((~finite).sum()), f"{int((~finite).sum())} stored values are NaN or infinite"
+    diff = np.abs(y - s)
+    scale = np.abs(s)
+    if atol is None:
+        rms = float(np.sqrt(np.mean(s * s))) if s.size else 0.0
+        kernel = KERNEL_RTOL * (scale + rms)
+    else:
+        kernel = atol
+    tol = FP16_RTOL * scale + FP16_ATOL + kernel
+    bad = ~(diff <= tol)  # NaN in the recomputation counts as bad
+    return (float(diff.max()) if diff.size else 0.0), int(bad.sum()), ""
+
+
+def verify_cache(
+    cache: FeatureCache,
+    tower: nn.Module,
+    inputs: Iterable[Record | str | os.PathLike[str]] | None = None,
+    *,
+    sample: int | None = 16,
+    seed: int = 0,
+    atol: float | None = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    check_key: bool = True,
+) -> VerifyReport:
+    """Check ``cache``'s structure, then recompute a seeded random sample of its items with ``tower``.
+
+    Args:
+        cache: the cache to check (its flushed index as opened; the structure is read afresh from disk).
+        tower: the tower that built it (its :func:`tower_key` under the cache's options must be the cache's
+            key, else :class:`FeatureCacheError`, unless ``check_key`` is false).
+        inputs: records or paths to draw the sample from (``None``: every item in the index).
+        sample: how many items to recompute (``None``: all of them).
+        seed: seed of the sample, so that a report can be reproduced.
+        atol: absolute allowance for the tower's own variation between two runs (``None``: derived from
+            the values, see ``KERNEL_RTOL``); fp16 rounding of the stored values is always allowed on top.
+        batch_size: files per tower call.
+        device: where to run the tower (default: where its parameters are).
+        check_key: refuse a tower whose key is not the cache's.
+
+    Items whose input file is missing or changed since extraction (the cache no longer serves them) are
+    listed as skipped, not as mismatches.
+    """
+    if sample is not None and sample < 0:
+        raise ConfigError(f"verify_cache: sample must be >= 0 or None, got {sample}")
+    if batch_size < 1:
+        raise ConfigError(f"verify_cache: batch_size must be >= 1, got {batch_size}")
+    if atol is not None and not atol >= 0:
+        raise ConfigError(f"verify_cache: atol must be >= 0 or None, got {atol}")
+    opts = cache.options
+    if check_key:
+        key = tower_key(tower, opts)
+        if key != cache.tower_key:
+            raise FeatureCacheError(
+                f"tower does not match the feature cache {cache.folder}: under the cache's options its key is "
+                f"{key}, the cache's is {cache.tower_key} (different class, config or weights)"
+            )
+    report = check_cache_structure(cache.folder)
+    report.recomputed = True
+    entries = cache._index.items
+    candidates: list[str] = []
+    if inputs is None:
+        for k in sorted(entries):
+            source = entries[k].source
+            try:
+                now = cache.key_for(source)
+            except FeatureCacheError:
+                report.skipped.append(f"{source}: missing")
+                continue
+            if now != k:
+                report.skipped.append(f"{source}: changed since extraction")
+            else:
+                candidates.append(k)
+    else:
+        for p in _input_paths(inputs, opts.kind):
+            try:
+                k = cache.key_for(p)
+            except FeatureCacheError:
+                report.skipped.append(f"{p}: missing")
+                continue
+            if k in entries:
+                candidates.append(k)
+            else:
+                report.skipped.append(f"{p}: not in the cache (new, or changed since extraction)")
+    if sample is not None and sample < len(candidates):
+        candidates = sorted(random.Random(seed).sample(candidates, sample))
+    if device is None:
+        first = next(iter(tower.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    run = _speech_batch if opts.kind == "speech" else _image_batch
     was_training = tower.training
     tower.eval()
-    done = 0
     try:
         with torch.no_grad():
-            for chunk in _batches(todo, batch_size):
-                for p, arrays in zip(chunk, run(cache, tower, chunk, device), strict=True):
-                    cache.put(p, arrays)
-                    done += 1
-                cache.maybe_flush(flush_every, flush_interval)
-                if bar is not None:
-                    bar.update(len(chunk))
+            for chunk in _batches(candidates, batch_size):
+                paths = [entries[k].source for k in chunk]
+                try:
+                    fresh: list[dict[str, np.ndarray] | None] = list(run(cache, tower, paths, device))
+                except FeatureCacheError as exc:  # the tower's metadata contradicts the cache's
+                    report.problems.append(f"recomputing {paths[0]}: {exc}")
+                    break
+                except VGSKitError:  # an input that cannot be read now: find which, check the others
+                    fresh = []
+                    for path in paths:
+                        try:
+                            fresh.append(run(cache, tower, [path], device)[0])
+                        except FeatureCacheError:
+                            raise
+                        except VGSKitError as exc:
+                            report.skipped.append(f"{path}: cannot be read now ({exc})")
+                            fresh.append(None)
+                for k, path, arrays in zip(chunk, paths, fresh, strict=True):
+                    if arrays is None:
+                        continue
+                    stored = cache.get(k)
+                    report.checked += 1
+                    report.checked_sources.append(path)
+                    for name in sorted(set(stored) | set(arrays)):
+                        if name not in stored or name not in arrays:
+                            detail = "not stored" if name in arrays else "the tower does not produce it"
+                            report.mismatches.append(
+                                CacheMismatch(k, path, name, str(cache._bin(name)), math.inf, 0, 0, detail))
+                            continue
+                        diff, bad, detail = _compare(stored[name], np.asarray(arrays[name]), atol)
+                        if bad:
+                            report.mismatches.append(CacheMismatch(
+                                k, path, name, str(cache._bin(name)), diff, bad, int(stored[name].numel()), detail))
     finally:
-        # Keep every finished item, also when interrupted (Ctrl-C, an unreadable file): a rerun resumes.
-        cache.close()
         tower.train(was_training)
-        if bar is not None:
-            bar.close()
-    return done
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------

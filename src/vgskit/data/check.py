@@ -1,10 +1,12 @@
 """Check a manifest against the files on disk and summarise it, reporting every problem in one pass.
 
-:func:`check_manifest` reads a manifest leniently (malformed lines are reported and skipped, not fatal), opens
-every distinct audio and image file (headers by default, full decoding with ``deep=True``), and returns a
-JSON-ready report: bad files (each with its reason and the captions that use it), audio durations (statistics and
-histogram, optionally a PNG plot), speakers, captions per image, split sizes, and a comparison of the split sizes
-with the standard ones of a known corpus (:data:`EXPECTED_COUNTS`). :func:`format_report` renders it as text.
+:func:`check_manifest` reads a manifest leniently (malformed lines are reported and skipped, not fatal), checks
+every distinct audio and image file with the functions and limits training uses
+(:func:`vgskit.audio.validate_audio_file`, :func:`vgskit.images.probe_image` or :func:`vgskit.images.load_image`),
+so that a file it passes is a file training accepts, and returns a JSON-ready report: bad files (each with its
+reason and the captions that use it), audio durations (statistics and histogram, optionally a PNG plot),
+speakers, captions per image, split sizes, and a comparison of the split sizes with the standard ones of a known
+corpus (:data:`EXPECTED_COUNTS`). :func:`format_report` renders it as text.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from vgskit.audio import audio_duration, load_audio
+from vgskit.audio import MAX_AUDIO_SECONDS, MIN_AUDIO_SECONDS, validate_audio_file
 from vgskit.data.manifest import Record, _parse_line, _Problems, _resolve, read_manifest, summarize
 from vgskit.errors import ConfigError, InputFileError, ManifestError
-from vgskit.images import load_image
+from vgskit.images import DEFAULT_MAX_PIXELS, load_image, probe_image
 
 # Standard split sizes. ``None`` = not pinned by the corpus (only the counts given are compared).
 #
@@ -89,40 +91,34 @@ def _lenient_records(path: Path) -> tuple[list[Record], list[str]]:
     return records, problems
 
 
-def _probe_image(path: str) -> None:
-    # Header only: PIL reads the size without decoding pixels, which keeps a 600k-image check fast.
-    from PIL import Image, UnidentifiedImageError
+def _problem(check: Callable[[], float | None]) -> tuple[float | None, str | None]:
+    """Run one file's check; return ``(value, None)`` or ``(None, problem)``.
 
-    if not os.path.isfile(path):
-        raise InputFileError(path, "file not found")
+    Anything a file makes a check raise is reported against that file: one odd file must never end the
+    check of the others with a traceback.
+    """
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InputFileError(path, f"not a readable image ({exc})") from exc
-    if w <= 0 or h <= 0:
-        raise InputFileError(path, f"zero-size image ({w}x{h})")
-
-
-def _check_audio(path: str, deep: bool) -> tuple[float | None, str | None]:
-    try:
-        seconds = audio_duration(path)
-        if deep:
-            load_audio(path, max_seconds=None, min_seconds=0.0)
-        return seconds, None
+        return check(), None
     except InputFileError as exc:
         return None, exc.problem
+    except Exception as exc:  # noqa: BLE001 - reported per file, never hidden: the file is listed as bad
+        return None, f"unexpected error while checking the file ({type(exc).__name__}: {exc})"
 
 
-def _check_image(path: str, deep: bool) -> str | None:
-    try:
+def _check_audio(path: str, max_seconds: float | None, min_seconds: float) -> tuple[float | None, str | None]:
+    # Always decoded, in both modes: training refuses silent, constant, cancelling and NaN audio, which only the
+    # samples show, and an audio file costs less to decode than the image it describes.
+    return _problem(lambda: validate_audio_file(path, max_seconds=max_seconds, min_seconds=min_seconds))
+
+
+def _check_image(path: str, deep: bool, max_pixels: int) -> str | None:
+    def check() -> None:
         if deep:
-            load_image(path)
+            load_image(path, max_pixels=max_pixels)
         else:
-            _probe_image(path)
-        return None
-    except InputFileError as exc:
-        return exc.problem
+            probe_image(path, max_pixels=max_pixels)
+
+    return _problem(check)[1]
 
 
 def compare_expected(splits: dict[str, dict[str, int]], corpus: str) -> dict[str, Any]:
@@ -183,20 +179,39 @@ def check_manifest(
     plot: str | Path | None = None,
     short_seconds: float = 0.2,
     progress: Callable[[int, int], None] | None = None,
+    max_seconds: float | None = MAX_AUDIO_SECONDS,
+    min_seconds: float = MIN_AUDIO_SECONDS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Check ``path`` and return a JSON-ready report (see the module docstring); never stops at a bad file.
 
+    Files are judged by the checks and limits training applies: ``max_seconds``/``min_seconds`` (audio) and
+    ``max_pixels`` (images) default to the limits the training data loader uses, so a file this check passes
+    is one training accepts; pass the values a run overrides them with.
+
+    Audio is always decoded (without resampling): silence, a constant DC offset, channels that cancel out and
+    NaN samples are only visible in the samples, and training refuses them. A WAV whose header promises more
+    samples than the file holds is refused as truncated. Images: by default only headers are read (size,
+    pixel limit) plus the end marker of JPEG and PNG files (``FF D9`` / ``IEND``), which catches truncated
+    files; a file without its end marker is decoded to confirm. ``deep`` decodes every image (also finds
+    corrupt data inside complete files; much slower).
+
     ``expected`` names a key of :data:`EXPECTED_COUNTS` to compare split sizes with. ``workers`` threads open
     files (default: up to 8); libsndfile and PIL release the GIL while reading, so threads overlap the I/O.
-    ``deep`` decodes every file instead of reading headers (finds truncated data; much slower). Audio shorter
-    than ``short_seconds`` is listed as suspicious (clipped or empty recordings). ``plot`` writes the duration
-    histogram as a PNG. ``report["ok"]`` is true when nothing is wrong.
+    Audio shorter than ``short_seconds`` is listed as suspicious (clipped or empty recordings). ``plot``
+    writes the duration histogram as a PNG. ``report["ok"]`` is true when nothing is wrong.
     """
     path = Path(path)
     if expected is not None and expected not in EXPECTED_COUNTS:
         raise ConfigError(f"no expected counts for {expected!r}; known: {', '.join(EXPECTED_COUNTS)}")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ConfigError(f"max_seconds must be positive or None, got {max_seconds!r}")
+    if not min_seconds >= 0:
+        raise ConfigError(f"min_seconds must be >= 0, got {min_seconds!r}")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise ConfigError(f"max_pixels must be a positive integer, got {max_pixels!r}")
     records, manifest_problems = _lenient_records(path)
     summary = summarize(records)
     report: dict[str, Any] = {
@@ -205,6 +220,7 @@ def check_manifest(
         "summary": summary,
         "files_checked": check_files,
         "deep": deep,
+        "limits": {"max_seconds": max_seconds, "min_seconds": min_seconds, "max_pixels": max_pixels},
     }
 
     users: dict[tuple[str, str], list[str]] = {}  # (kind, file) -> caption ids
@@ -219,7 +235,9 @@ def check_manifest(
 
         def run(job: tuple[str, str]) -> tuple[float | None, str | None]:
             kind, file = job
-            return _check_audio(file, deep) if kind == "audio" else (None, _check_image(file, deep))
+            if kind == "audio":
+                return _check_audio(file, max_seconds, min_seconds)
+            return None, _check_image(file, deep, max_pixels)
 
         with ThreadPoolExecutor(max_workers=n_workers) as pool:
             for i, (job, (seconds, problem)) in enumerate(zip(jobs, pool.map(run, jobs), strict=True)):
@@ -319,7 +337,8 @@ def format_report(report: dict[str, Any], *, max_listed: int = 50) -> str:
         if len(bad) > max_listed:
             lines.append(f"    ... and {len(bad) - max_listed} more (see the JSON report)")
     elif report["files_checked"]:
-        lines.append("  all files readable")
+        images = "decoded" if report["deep"] else "headers and end markers checked; --deep decodes them"
+        lines.append(f"  all files pass training's checks (audio decoded; images {images})")
     else:
         lines.append("  files not checked (--no-files)")
     lines.append("OK" if report["ok"] else "PROBLEMS FOUND")

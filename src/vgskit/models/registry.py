@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from vgskit.errors import ConfigError
+from vgskit.errors import ConfigError, InputFileError
 from vgskit.models.base import RetrievalModel
 
 M = TypeVar("M", bound=type[RetrievalModel])
@@ -161,21 +161,60 @@ def save_pretrained(model: RetrievalModel, directory: str | Path) -> Path:
     return directory
 
 
+class ModelFileError(InputFileError):
+    """A saved model folder whose weights file is unreadable or does not fit the model its config describes."""
+
+    kind = "model"
+
+
+def _short(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
 def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> RetrievalModel:
-    """Rebuild a model saved by :func:`save_pretrained`; returned in eval mode."""
+    """Rebuild a model saved by :func:`save_pretrained`; returned in eval mode.
+
+    ``directory`` may also be a training checkpoint folder; a run's ``best/`` is first checked against the
+    step the run recorded as best (see :func:`vgskit.train.checkpoint.check_best`). Weights that are
+    unreadable, or that do not fit the model the config describes, raise :class:`ModelFileError` naming the
+    folder and listing the missing, unexpected and mis-shaped tensors.
+    """
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
+    from vgskit.train.checkpoint import BEST, check_best
+
     directory = Path(directory)
+    if directory.name == BEST:
+        directory = check_best(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ConfigError(f"{directory}: no {CONFIG_FILE} (not a saved vgskit model)")
     try:
         description = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{config_path}: invalid JSON ({exc})") from exc
     model = create_model_from_config(description)
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ConfigError(f"{directory}: no {WEIGHTS_FILE}")
-    load_model(model, str(weights), strict=True, device=str(device))
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelFileError(directory, f"{WEIGHTS_FILE} is unreadable: truncated or not a safetensors file "
+                                        f"({exc})") from exc
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    wrong = sorted(k for k in set(own) & set(stored) if own[k] != stored[k])
+    problems = [f"other shape: {_short([f'{k} (file {stored[k]}, model {own[k]})' for k in wrong])}"]
+    if not wrong:
+        # safetensors' loader knows which names are tied copies that the file rightly stores once.
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        problems = [f"{what}: {_short(sorted(keys))}" for what, keys in
+                    (("missing", list(missing)), ("unexpected", list(unexpected))) if keys]
+    if problems:
+        name = description.get("model") if isinstance(description, Mapping) else None
+        raise ModelFileError(directory, f"the weights in {WEIGHTS_FILE} do not fit the model {name!r} that "
+                                        f"{CONFIG_FILE} describes ({'; '.join(problems)})")
     return model.to(device).eval()

@@ -41,6 +41,7 @@ from vgskit.metrics import (
     combine_directions,
     count_ranked_above,
     dot_product_blocks,
+    gallery_sizes,
     metrics_from_ranks,
     positive_lists,
     ranked_above,
@@ -351,7 +352,9 @@ def evaluate(
         source: the data's name for error messages (e.g. the manifest and split).
 
     Returns:
-        :func:`evaluate_retrieval`'s dictionary (with ``rerank_top`` when re-ranked), plus one entry per extra.
+        :func:`evaluate_retrieval`'s dictionary (with ``rerank_top`` when re-ranked), each direction also holding
+        its gallery size ``n_gallery`` and the recall of a random ranking ``chance_R@K``
+        (:func:`vgskit.metrics.gallery_sizes`), plus one entry per extra.
     """
     from vgskit.extensions import get_evaluation
 
@@ -376,6 +379,9 @@ def evaluate(
     reranker = pair_scorer(model, speech, image) if rerank_top is not None else None
     results = evaluate_retrieval(speech.pooled, image.pooled, caption_image, ks=ks, reranker=reranker,
                                  rerank_top=rerank_top or 100, rerank_batch_size=rerank_batch_size)
+    # Gallery sizes and chance levels beside every recall: R@K means little without them (see format_recall_table).
+    for direction, sizes in gallery_sizes(caption_image, len(image.pooled), ks).items():
+        results[direction].update(sizes)
     if rerank_top is not None:
         results["rerank_top"] = int(rerank_top)
     for name, ev in evaluations.items():

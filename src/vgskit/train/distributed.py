@@ -20,13 +20,27 @@ DistributedDataParallel's gradient *averaging* (division by ``W``) turns the par
 ``sum_r dL/dtheta via f_r`` = exactly the single-process gradient of ``L`` on the full global batch.
 Loss terms computed only from a rank's own rows should be means over those rows: DDP's averaging then makes
 them the mean over the global batch, as in a single process.
+
+When a process dies. A run must end, not hang, when one of its processes is killed (out of memory, ``kill -9``,
+a crashed node):
+
+* a collective of these helpers whose peer died (its connections close) or stopped answering (no reply within
+  the process group's timeout, ``VGSKIT_DIST_TIMEOUT_S`` seconds, default 1800: long enough for the main
+  process to extract a feature cache while the others wait) raises :class:`PeerProcessError`, which says so and
+  names the operation and this process's rank; ``vgskit`` prints it as an error and exits with status 2;
+* ``torchrun`` notices a worker that exited and stops the others;
+* a worker whose ``torchrun`` launcher itself was killed is sent ``SIGTERM`` by the kernel (Linux
+  ``PR_SET_PDEATHSIG``, set by :func:`init_distributed`), instead of training on unsupervised.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,12 +48,31 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from vgskit.errors import ConfigError
+from vgskit.errors import ConfigError, VGSKitError
 
 T = TypeVar("T")
 
+#: Seconds a collective waits for the other processes before failing, unless ``VGSKIT_DIST_TIMEOUT_S`` says
+#: otherwise. Long, because the other ranks wait at a barrier while the main one generates a corpus or extracts
+#: a feature cache; a peer that *died* is noticed at once (its connections close), whatever this value.
+DEFAULT_TIMEOUT_S = 1800.0
+
+# Words of the gloo/NCCL messages that mean "the other side is gone or silent", not a bug in the call.
+_PEER_FAILURE_MARKERS = ("closed by peer", "reset by peer", "broken pipe", "timed out", "timeout", "connection",
+                         "aborted", "remote worker", "socket")
+
+
+class PeerProcessError(VGSKitError, RuntimeError):
+    """A collective failed because another process of the run died or stopped answering.
+
+    Raised instead of the backend's error so that every surviving process ends with one clear message (the
+    cause is in the log of the process that died), rather than a traceback from deep inside the backend.
+    """
+
 # Depth of active local_only() blocks; while > 0 the gather helpers act as in a single process.
 _local_only_depth = 0
+# The collective timeout of the process group this process joined (for error messages).
+_timeout_in_use: float | None = None
 
 
 @dataclass(frozen=True)
@@ -74,11 +107,47 @@ def env_dist_info() -> DistInfo:
     return DistInfo(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
 
 
-def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+def _timeout_s(default: float | None) -> float:
+    """The collective timeout: ``default`` if given, else ``VGSKIT_DIST_TIMEOUT_S``, else :data:`DEFAULT_TIMEOUT_S`."""
+    if default is not None:
+        value = float(default)
+    else:
+        raw = os.environ.get("VGSKIT_DIST_TIMEOUT_S", "")
+        try:
+            value = float(raw) if raw else DEFAULT_TIMEOUT_S
+        except ValueError:
+            raise ConfigError(f"environment variable VGSKIT_DIST_TIMEOUT_S: expected seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigError(f"distributed timeout: must be > 0 seconds, got {value}")
+    return value
+
+
+def _end_with_launcher() -> None:
+    """Under ``torchrun`` on Linux, have the kernel send this process SIGTERM when its launcher dies.
+
+    ``torchrun`` stops its workers when one of them fails, but nobody stops them when ``torchrun`` itself is
+    killed (``kill -9``, a scheduler ending the job): they would train on unsupervised, holding the devices and
+    writing into the run folder. Elsewhere this does nothing.
+    """
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the launcher's own shutdown is all there is
+        return
+    if os.getppid() == 1:  # the launcher was gone before the request took effect
+        raise PeerProcessError("the torchrun launcher of this process has already exited; not joining the run")
+
+
+def init_distributed(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group described by the ``torchrun`` environment variables, if there is one.
 
     Idempotent: a second call returns the running group's info. ``backend`` defaults to ``nccl`` when CUDA
-    is available and ``gloo`` otherwise; on CUDA the process is bound to GPU ``LOCAL_RANK``.
+    is available and ``gloo`` otherwise; on CUDA the process is bound to GPU ``LOCAL_RANK``. ``timeout_s``
+    bounds every collective (default: ``VGSKIT_DIST_TIMEOUT_S`` or :data:`DEFAULT_TIMEOUT_S`): a process whose
+    peer stopped answering raises :class:`PeerProcessError` after that long instead of waiting forever.
     """
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
@@ -89,13 +158,44 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0) -> D
         if not os.environ.get(var):
             raise ConfigError(f"environment variable {var}: not set although WORLD_SIZE={info.world_size}; "
                               "launch with torchrun")
+    global _timeout_in_use
+    timeout = _timeout_in_use = _timeout_s(timeout_s)
+    _end_with_launcher()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    with _collective("joining the process group", timeout):
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(seconds=timeout))
     return info
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    if isinstance(err, getattr(dist, "DistBackendError", ())):
+        return True
+    text = str(err).lower()
+    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
+
+
+@contextlib.contextmanager
+def _collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a backend error that means "a peer died or went silent" into :class:`PeerProcessError`."""
+    try:
+        yield
+    except VGSKitError:
+        raise
+    except RuntimeError as err:
+        if not _is_peer_failure(err):
+            raise
+        where = (f"process rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized()
+                 else f"process rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}")
+        limit = timeout_s if timeout_s is not None else _timeout_in_use
+        silent = f"within {limit:g} s" if limit is not None else "in time"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeerProcessError(
+            f"{where}: {what} failed because a peer process of this run died or did not answer {silent} "
+            f"(backend: {first_line}); the log of the process that ended says why") from err
 
 
 def cleanup() -> None:
@@ -122,8 +222,10 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Wait for every rank (raises :class:`PeerProcessError` if one died or stays silent past the timeout)."""
     if is_dist():
-        dist.barrier()
+        with _collective("a barrier"):
+            dist.barrier()
 
 
 @contextlib.contextmanager
@@ -158,13 +260,15 @@ class _AllGatherWithGrad(torch.autograd.Function):
         t = t.contiguous()
         ctx.rank, ctx.n = dist.get_rank(), t.shape[0]
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
+        with _collective("all_gather (forward)"):
+            dist.all_gather(parts, t)
         return torch.cat(parts, dim=0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        with _collective("all_reduce (backward of all_gather)"):
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
@@ -186,7 +290,8 @@ def all_gather_no_grad(t: torch.Tensor) -> torch.Tensor:
         return t
     t = t.contiguous()
     out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
+    with _collective("all_gather"):
+        dist.all_gather(out, t)
     return torch.cat(out, dim=0)
 
 
@@ -195,7 +300,8 @@ def all_gather_object(obj: T) -> list[T]:
     if not is_dist():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -204,7 +310,8 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     if not is_dist():
         return obj
     box: list[Any] = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    with _collective(f"broadcast from rank {src}"):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
@@ -213,7 +320,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if not is_dist():
         return t.clone()
     out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    with _collective("all_reduce"):
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
 
 
@@ -222,7 +330,8 @@ def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     if not is_dist():
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    with _collective("all_reduce (any rank)"):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
 
 
@@ -237,7 +346,9 @@ def split_global_batch(batch: Sequence[T], rank: int, world_size: int) -> list[T
 
 
 __all__ = [
+    "DEFAULT_TIMEOUT_S",
     "DistInfo",
+    "PeerProcessError",
     "all_gather_no_grad",
     "all_gather_object",
     "all_gather_with_grad",

@@ -38,16 +38,27 @@ A checkpoint records the step, the epoch and the position in that epoch's list o
 list is a pure function of ``(epoch, seed)``, so a resumed run recomputes it and skips the batches already
 done. Model, optimizer, LR scheduler and GradScaler states are restored, and so are the global RNG states of
 every rank (dropout). With deterministic data loading (``num_workers=0``, or workers whose items do not
-depend on their RNG) a resumed run ends with the same weights as an uninterrupted one.
+depend on their RNG) a resumed run ends with the same weights as an uninterrupted one. A latest checkpoint
+whose files are damaged (truncated, empty) is moved aside to ``step_<N>.corrupt`` and the run resumes from the
+newest complete one, with a warning naming both; a ``best/`` left behind by an interrupted update is repaired.
+
+One writer per run folder
+-------------------------
+``fit`` holds an advisory lock on ``<out_dir>/.lock`` (:class:`vgskit.fileio.FolderLock`; the main rank
+takes it for all ranks) from start to end, exceptions included. A second ``fit`` on the same folder, fresh or
+resuming, is refused before it reads or writes anything there, with the holder's pid in the message; the
+lock dies with its process, so a killed run never leaves the folder blocked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,15 +72,19 @@ from tqdm.auto import tqdm
 
 from vgskit.contract import StepOutput, TrainState
 from vgskit.errors import ConfigError, VGSKitError
+from vgskit.fileio import FolderInUseError, FolderLock, check_output_folder
 from vgskit.train import distributed as D
 from vgskit.train.checkpoint import (
+    CheckpointError,
     capture_rng_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    repair_best,
     restore_rng_state,
     save_checkpoint,
     update_best,
+    verify_checkpoint,
 )
 from vgskit.train.config import TrainConfig, to_jsonable
 from vgskit.train.optim import create_optimizer, default_param_groups
@@ -156,15 +171,15 @@ def load_init_weights(model: nn.Module, source: str | Path) -> Path:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from vgskit.train.checkpoint import resolve_model_folder
+
     p = Path(source)
     if p.is_dir():
-        for candidate in (p / "checkpoints" / "best", p / "best", p):
-            if (candidate / "model.safetensors").is_file():
-                p = candidate / "model.safetensors"
-                break
-        else:
-            raise ConfigError(f"train.init_from {source}: no model.safetensors in it (nor in best/ or "
-                              "checkpoints/best/)")
+        # The same resolution as every --checkpoint: a run's checked best/ (or latest), a step folder, a model.
+        try:
+            p = resolve_model_folder(p) / "model.safetensors"
+        except VGSKitError as e:
+            raise ConfigError(f"train.init_from {source}: {e}") from None
     if not p.is_file():
         raise ConfigError(f"train.init_from {source}: not found")
     try:
@@ -254,7 +269,7 @@ class Trainer:
         self.batch_sampler_factory: BatchSamplerFactory = (
             batch_sampler_factory or RandomBatches(len(train_data), cfg.batch_size))  # type: ignore[arg-type]
         self.evaluate_fn = evaluate_fn
-        self.out_dir = Path(cfg.out_dir)
+        self.out_dir = check_output_folder(cfg.out_dir, "out_dir")  # before any work is spent
         self.ckpt_root = self.out_dir / "checkpoints"
         # Same layout as vgskit.models.registry.save_pretrained, so any checkpoint folder (step_N/ or best/)
         # loads with load_pretrained(); the training settings ride along under "train" and "extra".
@@ -333,7 +348,7 @@ class Trainer:
                 if D.is_main():
                     log.info("no checkpoint under %s; starting from scratch", self.ckpt_root)
                 return None
-            path: Path = found
+            path: Path = self._complete_checkpoint(found)
         else:
             path = Path(resume)
         loaded = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -361,7 +376,51 @@ class Trainer:
         if D.is_main():
             log.info("resumed from %s at step %d (epoch %d, batch %d)", loaded.path, self.progress.step,
                      self.progress.epoch, self.progress.batch_in_epoch)
+            repaired = repair_best(self.ckpt_root)
+            if repaired:
+                log.warning("%s", repaired)
         return self.progress.step
+
+    def _complete_checkpoint(self, newest: Path) -> Path:
+        """``newest``, or the newest older checkpoint whose files all read back when ``newest``'s do not.
+
+        The main rank checks and decides (and moves each damaged folder aside to ``step_<N>.corrupt`` so that
+        pruning and later resumes no longer count it); every rank then loads the folder it chose. Refuses
+        when no checkpoint is complete rather than silently starting over.
+        """
+        choice: str | None = None
+        problems: list[str] = []
+        if D.is_main():
+            newest_step = int(newest.name.split("_")[-1]) if newest.name.startswith("step_") else None
+            older = [p for s, p in reversed(list_checkpoints(self.ckpt_root))
+                     if p != newest and (newest_step is None or s < newest_step)]
+            bad: list[tuple[Path, str]] = []
+            for candidate in [newest, *older]:
+                try:
+                    verify_checkpoint(candidate)
+                except CheckpointError as e:
+                    bad.append((candidate, e.problem))
+                    continue
+                choice = str(candidate)
+                break
+            if choice is not None:
+                for folder, problem in bad:
+                    aside = folder.with_name(f"{folder.name}.corrupt")
+                    if aside.exists():
+                        aside = folder.with_name(f"{folder.name}.corrupt-{os.getpid()}")
+                    try:
+                        folder.rename(aside)
+                        moved = f"moved it to {aside.name}"
+                    except OSError as e:  # a read-only folder: resuming still works, pruning may count it
+                        moved = f"could not move it aside ({e})"
+                    log.warning("checkpoint %s is unusable (%s); %s and resuming from %s, the newest complete "
+                                "checkpoint", folder, problem, moved, Path(choice).name)
+            problems = [f"{folder.name}: {problem}" for folder, problem in bad]
+        choice, problems = D.broadcast_object((choice, problems))
+        if choice is None:
+            raise CheckpointError(self.ckpt_root, "no complete checkpoint to resume from (" + "; ".join(problems)
+                                  + "); remove the folder to start over")
+        return Path(choice)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -501,12 +560,41 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- fit
 
+    @contextlib.contextmanager
+    def _run_folder_lock(self) -> Iterator[None]:
+        """Hold ``<out_dir>/.lock`` (main rank) for the duration of the block; every rank raises if it is taken."""
+        lock = FolderLock(self.out_dir, what="run folder") if D.is_main() else None
+        refusal: tuple[bool, str] | None = None  # (held by another process, message)
+        if lock is not None:
+            try:
+                check_output_folder(self.out_dir, "out_dir")
+                lock.acquire()
+            except FolderInUseError as e:
+                refusal = (True, str(e))
+            except ConfigError as e:
+                refusal = (False, str(e))
+            except OSError as e:
+                refusal = (False, f"out_dir {self.out_dir}: cannot be created or locked for writing ({e})")
+        refusal = D.broadcast_object(refusal)
+        if refusal is not None:
+            raise FolderInUseError(refusal[1]) if refusal[0] else ConfigError(refusal[1])
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
     def fit(self, resume: bool | str = False) -> dict[str, Any]:
         """Train until ``max_steps``/``epochs`` (or ``stop_after_steps``/``time_budget_s``); return a summary.
 
         ``resume=True`` continues from ``<out_dir>/checkpoints/latest`` if there is one (fresh start
         otherwise); a path continues from that checkpoint; ``False`` requires an out_dir without checkpoints.
+        The run folder is locked throughout (see the module docstring): a second ``fit`` on it is refused.
         """
+        with self._run_folder_lock():
+            return self._fit(resume)
+
+    def _fit(self, resume: bool | str) -> dict[str, Any]:
         cfg = self.cfg
         seed_everything(cfg.seed, self.dist.rank)
         resumed_at = self._resume(resume)

@@ -3,6 +3,7 @@ a manifest that reports (never silently hides) captions whose audio or image fil
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -89,8 +90,17 @@ def find_dir(root: Path, names: Sequence[str]) -> Path | None:
     return None
 
 
+def _unreadable(path: Path, exc: OSError) -> PrepareError:
+    # Permission denied, a folder where a file was expected, an I/O error: say which file and why.
+    return PrepareError(f"{path}: cannot read the index file ({exc.strerror or exc})")
+
+
 def load_json(path: Path) -> Any:
-    """Parse a JSON index file; a syntax error becomes a :class:`PrepareError` naming the file and position."""
+    """Parse a JSON index file; a syntax error becomes a :class:`PrepareError` naming the file and position.
+
+    So do unreadable files, text that is not UTF-8, and nesting too deep for the parser (a corrupt or hostile
+    file, which would otherwise end in a RecursionError).
+    """
     try:
         with open(path, encoding="utf-8-sig") as f:
             return json.load(f)
@@ -98,18 +108,75 @@ def load_json(path: Path) -> Any:
         raise PrepareError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from exc
     except UnicodeDecodeError as exc:
         raise PrepareError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise PrepareError(f"{path}: not a corpus index: JSON nested too deeply to parse") from exc
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """Yield ``(line number, stripped line)`` for the non-blank lines of a text index file."""
+    """Yield ``(line number, stripped line)`` for the non-blank lines of a UTF-8 text index file.
+
+    Lines are decoded one by one so that an encoding error names the line it is on (a text-mode reader fails
+    on a whole block and cannot say where). ``\n``, ``\r\n`` and ``\r`` all end a line, as in text mode; a
+    leading byte-order mark is ignored.
+    """
+    lineno = 0
     try:
-        with open(path, encoding="utf-8-sig", errors="strict") as f:
-            for lineno, line in enumerate(f, start=1):
-                text = line.strip()
-                if text:
-                    yield lineno, text
-    except UnicodeDecodeError as exc:
-        raise PrepareError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        with open(path, "rb") as f:
+            for raw in f:
+                if lineno == 0 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
+                try:
+                    decoded = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise PrepareError(
+                        f"{path}: line {lineno + 1}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)"
+                    ) from exc
+                for piece in decoded.rstrip("\n").removesuffix("\r").split("\r"):
+                    lineno += 1
+                    text = piece.strip()
+                    if text:
+                        yield lineno, text
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for the non-blank lines of a JSON Lines index file.
+
+    Every line must be one JSON object; anything else is a :class:`PrepareError` naming the file and line.
+    """
+    for lineno, text in read_lines(path):
+        where = f"line {lineno}"
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PrepareError(f"{path}: {where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        except RecursionError as exc:
+            raise PrepareError(f"{path}: {where}: JSON nested too deeply to parse") from exc
+        require(isinstance(obj, dict), path, where, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def empty_index(path: Path, what: str = "captions") -> PrepareError:
+    """The error for an index file that lists nothing: a broken or wrong file, never an empty split to accept."""
+    return PrepareError(f"{path}: lists no {what} (empty index file; is the download complete?)")
+
+
+def require_entries(entries: Sequence[Any], path: Path, what: str = "captions") -> None:
+    """Raise :func:`empty_index` unless ``entries`` (the list an index file holds) has at least one item."""
+    if not entries:
+        raise empty_index(path, what)
+
+
+def decimal(text: str) -> int | None:
+    """``int(text)`` when ``text`` is plain ASCII digits, else ``None``.
+
+    ``str.isdigit`` also accepts characters such as superscripts that ``int`` rejects, which would turn an odd
+    index line into a ValueError traceback.
+    """
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def require(cond: bool, path: Path, where: str, problem: str) -> None:
@@ -132,11 +199,14 @@ def get_str(obj: Any, key: str, path: Path, where: str, *, required: bool = True
     return str(value)
 
 
-def pick_base(candidates: Iterable[Path | None], probe: str | None) -> Path | None:
+def pick_base(candidates: Iterable[Path | None], probe: object) -> Path | None:
     """Among candidate base folders, return the first in which ``probe`` (a relative path taken from the index)
-    exists, else the first folder that exists at all: distributions disagree on where files are unpacked."""
+    exists, else the first folder that exists at all: distributions disagree on where files are unpacked.
+
+    ``probe`` is taken as read from the index and ignored unless it is a path string; the entry it comes from
+    is validated, with a clear error, where it is used."""
     existing = [c for c in candidates if c is not None and c.is_dir()]
-    if probe is not None:
+    if isinstance(probe, str) and probe and "\0" not in probe:
         for c in existing:
             if (c / probe).is_file():
                 return c
@@ -173,6 +243,10 @@ class ManifestBuilder:
         if self.on_missing not in ON_MISSING:
             raise PrepareError(f"on_missing must be one of {ON_MISSING}, got {self.on_missing!r}")
         self.out = Path(self.out).expanduser().resolve()
+        # Refused now rather than after the whole index has been parsed.
+        blocker = next((p for p in (self.out, *self.out.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise PrepareError(f"output folder {self.out}: {blocker} is a file, not a folder")
 
     def _is_file(self, path: str) -> bool:
         # Five captions share one image: stat each distinct file once.
@@ -248,7 +322,10 @@ class ManifestBuilder:
             images.setdefault(r.split, set()).add(r.image_id)
         for name, ids in images.items():
             splits[name]["images"] = len(ids)
-        manifest = write_manifest(self.records, self.out / MANIFEST_NAME)
+        try:
+            manifest = write_manifest(self.records, self.out / MANIFEST_NAME)
+        except OSError as exc:
+            raise PrepareError(f"cannot write the manifest into {self.out} ({exc.strerror or exc})") from exc
         report = {
             "corpus": self.corpus,
             "manifest": str(manifest),
@@ -261,7 +338,10 @@ class ManifestBuilder:
             "files_checked": self.check_files,
             **self.notes,
         }
-        (self.out / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        try:
+            (self.out / REPORT_NAME).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            raise PrepareError(f"cannot write {self.out / REPORT_NAME} ({exc.strerror or exc})") from exc
         if missing:
             listed = "\n  ".join(missing[:20]) + (f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else "")
             log.warning(

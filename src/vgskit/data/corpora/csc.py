@@ -21,7 +21,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vgskit.data.corpora._common import ManifestBuilder, PrepareError, as_path, find_optional, read_lines
+from vgskit.data.corpora._common import (
+    ManifestBuilder,
+    PrepareError,
+    as_path,
+    decimal,
+    empty_index,
+    find_optional,
+    read_lines,
+)
 
 INDEX_FILES = {"train": "Train_GCC-training.tsv", "val": "Validation_GCC-1.1.0-Validation.tsv"}
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3")
@@ -36,8 +44,9 @@ def _row_index(folder: Path, exts: tuple[str, ...]) -> dict[int, Path]:
         dirs.sort()
         for f in sorted(files):
             stem, ext = os.path.splitext(f)
-            if ext.lower() in exts and stem.isdigit():
-                index.setdefault(int(stem), Path(dirpath) / f)
+            row = decimal(stem)
+            if ext.lower() in exts and row is not None:
+                index.setdefault(row, Path(dirpath) / f)
     return index
 
 
@@ -69,7 +78,9 @@ def prepare_csc(
             continue
         wavs = _row_index(audio_root / split, AUDIO_EXTS)
         pics = _row_index(image_root / split, IMAGE_EXTS)
+        rows = 0
         for lineno, line in read_lines(tsv):
+            rows += 1
             caption, sep, _url = line.partition("\t")
             if not sep:
                 raise PrepareError(f"{tsv}: line {lineno}: expected '<caption><TAB><url>', got {line[:80]!r}")
@@ -82,6 +93,8 @@ def prepare_csc(
                 split=split,
                 text=caption,
             )
+        if not rows:
+            raise empty_index(tsv)
     builder.notes.update(index_files={s: str(p) for s, p in tsvs.items() if p}, audio_root=str(audio_root),
                          image_root=str(image_root), pretraining_only=True)
     return builder.finish()

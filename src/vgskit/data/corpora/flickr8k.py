@@ -23,6 +23,7 @@ from vgskit.data.corpora._common import (
     ManifestBuilder,
     PrepareError,
     as_path,
+    decimal,
     find_dir,
     find_file,
     find_optional,
@@ -30,6 +31,7 @@ from vgskit.data.corpora._common import (
     load_json,
     read_lines,
     require,
+    require_entries,
 )
 
 SPLITS = ("train", "dev", "test")
@@ -61,6 +63,7 @@ def _karpathy(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     data = load_json(path)
     require(isinstance(data, dict) and isinstance(data.get("images"), list), path, "top level",
             'expected {"images": [...]} (Karpathy\'s dataset_flickr8k.json)')
+    require_entries(data["images"], path, "images")
     split_of: dict[str, str] = {}
     texts: dict[str, list[str]] = {}
     for i, img in enumerate(data["images"]):
@@ -71,7 +74,12 @@ def _karpathy(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
         if split not in KARPATHY_SPLIT:
             raise PrepareError(f"{path}: {where}: unknown split {split!r} (expected train, val or test)")
         split_of[Path(name).stem] = KARPATHY_SPLIT[split]
-        texts[Path(name).stem] = [str(s.get("raw", "")) for s in img.get("sentences", []) if isinstance(s, dict)]
+        sentences = img.get("sentences", [])
+        require(isinstance(sentences, list), path, where,
+                f"'sentences' must be a list of objects, got {type(sentences).__name__}")
+        # A sentence without text keeps its place (captions are numbered by position) but gives no transcript.
+        texts[Path(name).stem] = [get_str(sentence, "raw", path, f"{where}.sentences[{j}]", required=False) or ""
+                                  for j, sentence in enumerate(sentences)]
     return split_of, texts
 
 
@@ -114,9 +122,11 @@ def prepare_flickr8k(
         for lineno, line in read_lines(token):
             key, sep, text = line.partition("\t")
             name, hsep, n = key.partition("#")
-            require(bool(sep and hsep and n.isdigit()), token, f"line {lineno}",
+            number = decimal(n)
+            require(bool(sep and hsep) and number is not None, token, f"line {lineno}",
                     f"expected '<img>.jpg#<n><TAB><caption>', got {line[:80]!r}")
-            texts[(Path(name).stem, int(n))] = text
+            assert number is not None
+            texts[(Path(name).stem, number)] = text
     else:
         for stem, sentences in karpathy_texts.items():
             for n, text in enumerate(sentences):
@@ -139,9 +149,11 @@ def prepare_flickr8k(
     with_audio: set[str] = set()
     for lineno, line in read_lines(wav2capt):
         parts = line.split()
-        ok = len(parts) == 3 and parts[2].startswith("#") and parts[2][1:].isdigit()
-        require(ok, wav2capt, f"line {lineno}", f"expected '<img>_<n>.wav <img>.jpg #<n>', got {line!r}")
-        wav, img, num = parts
+        number = decimal(parts[2][1:]) if len(parts) == 3 and parts[2].startswith("#") else None
+        require(number is not None, wav2capt, f"line {lineno}",
+                f"expected '<img>_<n>.wav <img>.jpg #<n>', got {line[:120]!r}")
+        assert number is not None
+        wav, img, _num = parts
         stem = Path(img).stem
         split = split_of.get(stem)
         if split is None:
@@ -154,7 +166,7 @@ def prepare_flickr8k(
             image=image_dir / img,
             image_id=stem,
             split=split,
-            text=texts.get((stem, int(num[1:]))),
+            text=texts.get((stem, number)),
             speaker=speakers.get(wav),
         )
     builder.notes.update(

@@ -22,7 +22,6 @@ annotator id.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,9 +32,11 @@ from vgskit.data.corpora._common import (
     ManifestBuilder,
     PrepareError,
     as_path,
+    decimal,
+    empty_index,
     find_dir,
     get_str,
-    require,
+    read_json_lines,
     walk_limited,
 )
 
@@ -123,34 +124,31 @@ def prepare_localized_narratives(
     builder = ManifestBuilder("localized_narratives", Path(out), on_missing=on_missing, check_files=check_files)
     for path, coll, split in sorted(files):
         index = indexes.get(image_dirs[coll], {})
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"line {lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PrepareError(f"{path}: {where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-                require(isinstance(obj, dict), path, where, "expected a JSON object")
-                image_id = get_str(obj, "image_id", path, where)
-                recording = get_str(obj, "voice_recording", path, where)
-                assert image_id is not None and recording is not None
-                image = index.get(image_id)
-                if image is None and image_id.isdigit():
-                    image = index.get(f"#{int(image_id)}")
-                if image is None:  # reported as missing under the most likely name
-                    name = f"{int(image_id):012d}.jpg" if coll == "coco" and image_id.isdigit() else f"{image_id}.jpg"
-                    image = image_dirs[coll] / name
-                builder.add(
-                    caption_id=Path(recording).stem,
-                    audio=audio_root / recording,
-                    image=image,
-                    image_id=f"{coll}_{image_id}",
-                    split=split,
-                    text=get_str(obj, "caption", path, where, required=False),
-                    speaker=get_str(obj, "annotator_id", path, where, required=False),
-                )
+        lines = 0
+        for lineno, obj in read_json_lines(path):
+            lines += 1
+            where = f"line {lineno}"
+            image_id = get_str(obj, "image_id", path, where)
+            recording = get_str(obj, "voice_recording", path, where)
+            assert image_id is not None and recording is not None
+            number = decimal(image_id)
+            image = index.get(image_id)
+            if image is None and number is not None:
+                image = index.get(f"#{number}")
+            if image is None:  # reported as missing under the most likely name
+                name = f"{number:012d}.jpg" if coll == "coco" and number is not None else f"{image_id}.jpg"
+                image = image_dirs[coll] / name
+            builder.add(
+                caption_id=Path(recording).stem,
+                audio=audio_root / recording,
+                image=image,
+                image_id=f"{coll}_{image_id}",
+                split=split,
+                text=get_str(obj, "caption", path, where, required=False),
+                speaker=get_str(obj, "annotator_id", path, where, required=False),
+            )
+        if not lines:
+            raise empty_index(path, "narratives")
     builder.notes.update(index_files=[str(p) for p, _, _ in sorted(files)], audio_root=str(audio_root),
                          image_dirs={c: str(d) for c, d in sorted(image_dirs.items())})
     return builder.finish()

@@ -30,6 +30,7 @@ from vgskit.data.corpora._common import (
     load_json,
     pick_base,
     require,
+    require_entries,
 )
 
 SPLITS = ("train", "dev_seen", "dev_unseen", "test_seen", "test_unseen")
@@ -73,7 +74,8 @@ def prepare_places(
         require(isinstance(data, dict) and isinstance(data.get("data"), list), path, "top level",
                 'expected {"data": [...]} (a Places audio 2020 split file)')
         entries = data["data"]
-        first = entries[0] if entries and isinstance(entries[0], dict) else {}
+        require_entries(entries, path)
+        first = entries[0] if isinstance(entries[0], dict) else {}
         if audio_root is None:
             audio_root = pick_base([_base(data.get("audio_base_path")), *(root / d for d in AUDIO_DIRS), root],
                                    first.get("wav"))

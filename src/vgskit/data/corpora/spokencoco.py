@@ -35,6 +35,7 @@ from vgskit.data.corpora._common import (
     load_json,
     pick_base,
     require,
+    require_entries,
 )
 
 SCHEMES = {"karpathy": ("train", "val", "test"), "original": ("train", "val")}
@@ -54,6 +55,7 @@ def _captions(path: Path, data: object) -> Iterator[tuple[str, dict, str]]:
     require(isinstance(data, dict) and isinstance(data.get("data"), list), path, "top level",
             'expected {"data": [...]} (a SpokenCOCO JSON)')
     assert isinstance(data, dict)
+    require_entries(data["data"], path)
     for i, entry in enumerate(data["data"]):
         where = f"data[{i}]"
         image = get_str(entry, "image", path, where)
@@ -164,6 +166,7 @@ def _karpathy_split(path: Path) -> dict[str, str]:
     data = load_json(path)
     require(isinstance(data, dict) and isinstance(data.get("images"), list), path, "top level",
             'expected {"images": [...]} (Karpathy\'s dataset_coco.json)')
+    require_entries(data["images"], path, "images")
     out: dict[str, str] = {}
     for i, img in enumerate(data["images"]):
         name = get_str(img, "filename", path, f"images[{i}]")

@@ -8,8 +8,10 @@
   a vgskit model (:func:`vgskit.models.speechclip.convert.convert_reference_checkpoint`).
 
 Each ``run(args)`` returns the exit status and raises :class:`~vgskit.errors.VGSKitError` for mistakes in
-the input, which the CLI prints as ``vgskit: error: ...``. Heavy imports happen inside the commands, so
-that registering them costs nothing.
+the input, which the CLI prints as ``vgskit: error: ...``. Outputs are checked before a model is loaded, and a
+file that is not what the command needs (a random binary, a JSON file, another model's weights, a folder that
+holds no model) is refused with its name and what it is. Heavy imports happen inside the commands, so that
+registering them costs nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ __all__ = [
     "add_convert_arguments",
     "add_keywords_arguments",
     "add_layers_arguments",
+    "check_checkpoint_file",
     "config_section",
     "run_convert",
     "run_keywords",
@@ -37,6 +40,18 @@ __all__ = [
 
 def _name(model: Any) -> str:
     return str(getattr(model, "model_name", None) or type(model).__name__)
+
+
+def _load(checkpoint: str) -> Any:
+    """The model of ``--checkpoint``; every error names the checkpoint, whatever layer raised it."""
+    from vgskit.experiment import load_model
+
+    try:
+        return load_model(checkpoint)
+    except VGSKitError as err:
+        if str(checkpoint) in str(err):
+            raise
+        raise VGSKitError(f"--checkpoint {checkpoint}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,11 +76,15 @@ def run_keywords(args: argparse.Namespace) -> int:
     import torch
 
     from vgskit.audio import load_audio
-    from vgskit.experiment import load_model
+    from vgskit.experiment import check_output_path, write_output_text
 
     if args.k < 1:
         raise VGSKitError(f"-k must be >= 1, got {args.k}")
-    model = load_model(args.checkpoint)
+    if not args.max_seconds > 0:
+        raise VGSKitError(f"--max-seconds must be > 0, got {args.max_seconds}")
+    if args.json:
+        check_output_path(args.json, "--json")
+    model = _load(args.checkpoint)
     keywords = getattr(model, "keywords", None)
     if not callable(keywords):
         raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} has no keyword slots (keywords()); "
@@ -90,7 +109,7 @@ def run_keywords(args: argparse.Namespace) -> int:
         report.append({"audio": path, "slots": [[{"token": t, "cosine": float(c)} for t, c in slot]
                                                 for slot in slots]})
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        write_output_text(args.json, json.dumps(report, indent=2, ensure_ascii=False), "--json")
     if failed:
         print(f"vgskit: {failed} of {len(args.audio)} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
@@ -111,10 +130,13 @@ def add_layers_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_layers(args: argparse.Namespace) -> int:
     """Print and plot the hidden-state weights of every branch of ``args.checkpoint``."""
-    from vgskit.experiment import load_model
+    from vgskit.experiment import check_output_path, write_output_text
     from vgskit.report import plot_layer_weights
 
-    model = load_model(args.checkpoint)
+    check_output_path(args.out, "--out")
+    if args.json:
+        check_output_path(args.json, "--json")
+    model = _load(args.checkpoint)
     layer_weights = getattr(model, "layer_weights", None)
     if not callable(layer_weights):
         raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} has no layer weights "
@@ -128,7 +150,7 @@ def run_layers(args: argparse.Namespace) -> int:
         print(f"{branch}: " + " ".join(f"{i}:{v:.3f}" for i, v in enumerate(values)))
     print(plot_layer_weights(weights, args.out, title=args.title or f"Hidden-state weights ({args.checkpoint})"))
     if args.json:
-        Path(args.json).write_text(json.dumps(weights, indent=2))
+        write_output_text(args.json, json.dumps(weights, indent=2), "--json")
     return 0
 
 
@@ -182,11 +204,66 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                              "for files you trust")
 
 
+#: Leading bytes of the files ``torch.load`` reads: a zip archive (``torch.save`` since 1.6) or a pickle (protocol 2+).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Refuse, by its first bytes and before any tower is loaded, a file that cannot be a reference checkpoint.
+
+    A checkpoint is a ``torch.save`` file (zip or pickle) or a safetensors file (an 8-byte header length, then
+    a JSON header). Anything else (a folder, an empty file, a JSON or text file, a random binary) is named with
+    what it is, instead of the unpickler's message, which suggests disabling its safety checks.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VGSKitError(f"checkpoint {p}: file not found")
+    if p.is_dir():
+        if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+            raise VGSKitError(f"checkpoint {p}: is a vgskit model folder already (config.json, model.safetensors); "
+                              "it loads as it is, there is nothing to convert")
+        raise VGSKitError(f"checkpoint {p}: is a folder; give the reference checkpoint file (.ckpt, .pt, .pth, "
+                          ".bin or .safetensors)")
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except OSError as err:
+        raise VGSKitError(f"checkpoint {p}: cannot be read ({err.strerror or err})") from None
+    if size == 0:
+        raise VGSKitError(f"checkpoint {p}: is empty")
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else -1
+    if 0 < header_len <= size - 8 and head[8:9] == b"{":
+        return p  # safetensors layout
+    if p.suffix == ".safetensors":
+        raise VGSKitError(f"checkpoint {p}: is not a safetensors file (no valid header; truncated or another "
+                          "format)")
+    if head.startswith(_TORCH_MAGIC):
+        return p
+    if _looks_like_text(head):
+        raise VGSKitError(f"checkpoint {p}: is a text file (starts with {head[:16]!r}), not a checkpoint; give "
+                          "the released .ckpt / state-dict file (a JSON or YAML config goes to --config)")
+    raise VGSKitError(f"checkpoint {p}: is neither a PyTorch checkpoint (zip or pickle) nor a safetensors file "
+                      f"(it starts with bytes {head[:8].hex()})")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file read as text (UTF-8, printable characters and white space)."""
+    try:
+        text = head[: max(1, len(head) - 3)].decode("utf-8")  # the cut may split a multi-byte character
+    except UnicodeDecodeError:
+        return False
+    return all(ch.isprintable() or ch in "\t\r\n" for ch in text)
+
+
 def run_convert(args: argparse.Namespace) -> int:
     """Convert ``args.checkpoint`` and save it to ``args.out``, with a summary of what was loaded."""
+    from vgskit.experiment import check_output_path
     from vgskit.models.registry import save_pretrained
     from vgskit.models.speechclip.convert import convert_reference_checkpoint
 
+    check_checkpoint_file(args.checkpoint)
+    check_output_path(args.out, "--out", folder=True)
     section = config_section(args.config, args.set)
     model, report = convert_reference_checkpoint(args.checkpoint, section, allow_pickle=args.allow_pickle)
     out = save_pretrained(model, args.out)
