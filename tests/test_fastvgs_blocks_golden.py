@@ -7,17 +7,15 @@ buffers included) and ``grad.*`` is compared within the case's ``tolerance.recom
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 
+from _golden import case, section
 from vgskit.errors import ConfigError
 from vgskit.models.fast_vgs.audio import (
     ResDAVEnet,
@@ -33,21 +31,7 @@ from vgskit.models.fast_vgs.regions import (
     load_region_encoder_reference_state_dict,
 )
 
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def _case(name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = load_file(str(GOLDEN / f"{name}.safetensors"))
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
-    assert sorted(tensors) == sorted(meta["tensors"]), name
-    for key, info in meta["tensors"].items():
-        assert list(tensors[key].shape) == info["shape"], key
-        assert str(tensors[key].dtype) == f"torch.{info['dtype']}", key
-    return tensors, meta
-
-
-def _section(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
+_case, _section = case, section
 
 
 def _tol(meta: dict[str, Any]) -> dict[str, float]:

@@ -10,17 +10,15 @@ the case, since the same cases exist in other shapes), runs in the case's mode o
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from _golden import case, section
 from vgskit.models.fast_vgs import (
     BertLayer,
     BertLayerConfig,
@@ -33,21 +31,7 @@ from vgskit.models.fast_vgs import (
     reference_key_map,
 )
 
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def _case(name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = load_file(str(GOLDEN / f"{name}.safetensors"))
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
-    assert sorted(tensors) == sorted(meta["tensors"]), name
-    for key, info in meta["tensors"].items():
-        assert list(tensors[key].shape) == info["shape"], key
-        assert str(tensors[key].dtype) == f"torch.{info['dtype']}", key
-    return tensors, meta
-
-
-def _section(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
+_case, _section = case, section
 
 
 def _training(name: str, meta: dict[str, Any]) -> bool:

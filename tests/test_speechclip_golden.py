@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from _golden import GOLDEN, case, section
 from vgskit.encoders.pretrained_speech import WeightedLayerSum
 from vgskit.encoders.text import ClipTextConfig, ClipTextEncoder
 from vgskit.losses import InfoNCELoss
@@ -41,22 +40,7 @@ try:  # its home since the schedules moved to vgskit.train.schedules
 except ImportError:
     from vgskit.models.speechclip import SpeechClipWarmupDecay
 
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def _case(name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = load_file(str(GOLDEN / f"{name}.safetensors"))
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
-    # The stored tensors are the ones the case describes: same names, shapes and dtypes.
-    assert sorted(tensors) == sorted(meta["tensors"]), name
-    for key, info in meta["tensors"].items():
-        assert list(tensors[key].shape) == info["shape"], key
-        assert str(tensors[key].dtype) == f"torch.{info['dtype']}", key
-    return tensors, meta
-
-
-def _section(t: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in t.items() if k.startswith(prefix)}
+_case, _section = case, section
 
 
 def _arg(t: dict[str, Tensor], text: str) -> Tensor:

@@ -59,15 +59,9 @@ def _input_file(path: str, option: str) -> None:
 
 
 def _load_model(checkpoint: str) -> Any:
-    """:func:`vgskit.experiment.load_model`, with the checkpoint named in every error it raises."""
-    from vgskit.experiment import load_model
+    from vgskit.experiment import load_model_named
 
-    try:
-        return load_model(checkpoint)
-    except VGSKitError as err:
-        if str(checkpoint) in str(err):
-            raise
-        raise VGSKitError(f"--checkpoint {checkpoint}: {err}") from None
+    return load_model_named(checkpoint)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -616,6 +616,16 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
     return load_pretrained(resolve_model_folder(checkpoint))
 
 
+def load_model_named(checkpoint: str | Path, option: str = "--checkpoint") -> torch.nn.Module:
+    """:func:`load_model` for commands: every error it raises names ``option`` and the checkpoint given."""
+    try:
+        return load_model(checkpoint)
+    except VGSKitError as err:
+        if str(checkpoint) in str(err):
+            raise
+        raise VGSKitError(f"{option} {checkpoint}: {err}") from None
+
+
 def model_for_evaluation(checkpoint: str | Path | None = None, model_name: str | None = None,
                          overrides: Mapping[str, Any] | None = None) -> Any:
     """A trained model from ``checkpoint``, or the registered model ``model_name`` as built (in eval mode).

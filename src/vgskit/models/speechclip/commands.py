@@ -43,20 +43,9 @@ def _name(model: Any) -> str:
 
 
 def _load(checkpoint: str) -> Any:
-    """The model of ``--checkpoint``; every error names the checkpoint, whatever layer raised it."""
-    from vgskit.experiment import load_model
+    from vgskit.experiment import load_model_named
 
-    try:
-        return load_model(checkpoint)
-    except VGSKitError as err:
-        if str(checkpoint) in str(err):
-            raise
-        raise VGSKitError(f"--checkpoint {checkpoint}: {err}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# vgskit keywords
-# ---------------------------------------------------------------------------------------------------------
+    return load_model_named(checkpoint)
 
 
 def add_keywords_arguments(parser: argparse.ArgumentParser) -> None:
