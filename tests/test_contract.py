@@ -86,7 +86,37 @@ def _toy_frozen(t: Towers) -> RetrievalModel:
     return create_model("test_frozen_towers", speech_tower=str(t.hubert))
 
 
+_TINY_WAV2VEC2: dict[str, str] = {}
+
+
+def _tiny_wav2vec2() -> str:
+    """A tiny random wav2vec2 (the HuBERT test tower's sizes) saved once per session; its own seeded RNG leaves
+    the global one alone, so the first build and later ones start from the same weights."""
+    import tempfile
+
+    if "folder" in _TINY_WAV2VEC2:
+        return _TINY_WAV2VEC2["folder"]
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    from _tiny_speechclip import SPEECH
+
+    folder = tempfile.mkdtemp(prefix="tiny_wav2vec2_")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Wav2Vec2Model(Wav2Vec2Config(**SPEECH)).eval().save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
+    _TINY_WAV2VEC2["folder"] = folder
+    return folder
+
+
+def _fast_vgs(t: Towers) -> RetrievalModel:
+    # 6-d region features: the mean and std of RGB of each grid cell (the region_file fixture).
+    return create_model("fast_vgs_tiny", speech={"name_or_path": _tiny_wav2vec2()}, region_feat_dim=6)
+
+
 TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
+    "fast_vgs": _fast_vgs,
+    "fast_vgs_tiny": _fast_vgs,
     "dual_encoder": lambda t: create_model("dual_encoder"),
     "dual_encoder_tiny": lambda t: create_model("dual_encoder_tiny"),
     **{f"speechclip_{b}_{s}": _speechclip(b) for b in ("parallel", "cascaded") for s in ("base", "large")},
@@ -184,7 +214,7 @@ def test_contract(name: str, towers: Towers, tiny_manifest: Path, region_file: P
 
 
 @pytest.mark.parametrize("name", ["dual_encoder_tiny", "speechclip_cascaded_base", "test_toy_regions",
-                                  "test_toy_ema"])
+                                  "test_toy_ema", "fast_vgs_tiny"])
 def test_resume_is_exact(name: str, towers: Towers, tiny_manifest: Path, region_file: Path,
                          tmp_path: Path) -> None:
     """An interrupted and resumed run ends with the weights of an uninterrupted one (the generic trainer)."""

@@ -15,10 +15,13 @@ from vgskit.models.registry import (
 # Importing a model module registers its names.
 from vgskit.models.dual_encoder import DualEncoder, DualEncoderConfig  # noqa: E402  isort: skip
 from vgskit.models.speechclip import SpeechCLIP, SpeechCLIPConfig  # noqa: E402  isort: skip
+from vgskit.models.fast_vgs import FastVGS, FastVGSConfig  # noqa: E402  isort: skip
 
 __all__ = [
     "DualEncoder",
     "DualEncoderConfig",
+    "FastVGS",
+    "FastVGSConfig",
     "RetrievalModel",
     "SpeechCLIP",
     "SpeechCLIPConfig",

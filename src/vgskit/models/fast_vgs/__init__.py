@@ -4,13 +4,15 @@
   encoder, with the reference ``state_dict`` key map;
 * :mod:`~vgskit.models.fast_vgs.audio` — the ResDAVEnet stage over the wav2vec2 frames;
 * :mod:`~vgskit.models.fast_vgs.regions` — the region/box encoder of the image side;
-* :mod:`~vgskit.models.fast_vgs.losses` — the margin InfoNCE loss on raw dot products.
+* :mod:`~vgskit.models.fast_vgs.losses` — the margin InfoNCE loss on raw dot products;
+* :mod:`~vgskit.models.fast_vgs.model` — :class:`FastVGS`, the assembled model, registered as ``fast_vgs``
+  (the paper's sizes) and ``fast_vgs_tiny``.
 
 Each block reproduces the reference implementation's outputs and gradients on the stored golden cases
 (``tests/test_fastvgs_*_golden.py``).
 
-Nothing is registered yet: the towers and the assembled model come later, so importing this package has no
-side effects on :mod:`vgskit.models.registry`.
+Importing this package registers the two model names (the pretrained speech tower loads only when a model is
+built).
 """
 
 from vgskit.models.fast_vgs.audio import (
@@ -20,6 +22,7 @@ from vgskit.models.fast_vgs.audio import (
     resdavenet_output_frames,
 )
 from vgskit.models.fast_vgs.losses import MarginInfoNCEConfig, MarginInfoNCELoss, margin_infonce_loss
+from vgskit.models.fast_vgs.model import FastVGS, FastVGSConfig, default_speech_tower
 from vgskit.models.fast_vgs.regions import (
     RegionEncoder,
     RegionEncoderConfig,
@@ -42,6 +45,9 @@ from vgskit.models.fast_vgs.transformer import (
 )
 
 __all__ = [
+    "FastVGS",
+    "FastVGSConfig",
+    "default_speech_tower",
     "MarginInfoNCEConfig",
     "MarginInfoNCELoss",
     "RegionEncoder",
