@@ -76,6 +76,7 @@ def test_registered_presets_and_paper_sizes() -> None:
     paper = model_config("fast_vgs")  # no weights needed: the tower loads when the model is built
     assert isinstance(paper, FastVGSConfig)
     assert (paper.layer.hidden_size, paper.layer.ffn_dim, paper.layer.initializer_range) == (768, 3072, 0.02)
+    assert paper.layer.num_heads == 8  # the paper: 8 heads in every new Transformer layer (12 only in wav2vec2's)
     assert (paper.audio_layers, paper.visual_layers, paper.cross_layers) == (1, 6, 2)
     assert (paper.coarse_weight, paper.fine_weight, paper.margin) == (0.1, 1.0, 1.0)
     assert paper.speech.num_layers == 8 and paper.speech.cls_position == "before_pos_conv"

@@ -15,6 +15,7 @@ Importing this package registers the two model names (the pretrained speech towe
 built).
 """
 
+from vgskit.models.fast_vgs import commands  # noqa: F401  (registers ``vgskit convert fast_vgs``)
 from vgskit.models.fast_vgs.audio import (
     ResDAVEnet,
     ResDAVEnetConfig,

@@ -75,8 +75,10 @@ class FastVGSConfig:
 
     Attributes:
         speech: the pretrained speech tower (wav2vec2-base, CNN frozen, 8 layers, CLS before the pos. conv).
-        layer: sizes of every BERT and cross layer (hidden 768, FFN 3072, dropout 0.1, init N(0, 0.02); 12
-            heads, the reference's ``num_attention_heads`` default).
+        layer: sizes of every new BERT and cross layer (hidden 768, FFN 3072, dropout 0.1, init N(0, 0.02)) with
+            8 attention heads, as the paper states ("All Transformer layers in our model use a hidden dimension of
+            768 and 8 attention heads (except for Trm1, which uses 12)"); the reference code's argument default is
+            12, so a released checkpoint's ``args.pkl`` may say otherwise.
         resdavenet_widths: ResDAVEnet widths (input projection, then one per stage); the last one must equal
             ``layer.hidden_size``. Its input width is the speech tower's, read when the tower is built.
         resdavenet_blocks: basic blocks per stage.
@@ -92,7 +94,7 @@ class FastVGSConfig:
     """
 
     speech: PretrainedSpeechConfig = field(default_factory=default_speech_tower)
-    layer: BertLayerConfig = field(default_factory=BertLayerConfig)
+    layer: BertLayerConfig = field(default_factory=lambda: BertLayerConfig(num_heads=8))
     resdavenet_widths: tuple[int, ...] = (128, 128, 256, 512, 768)
     resdavenet_blocks: tuple[int, ...] = (2, 2, 2, 2)
     resdavenet_strides: tuple[int, ...] = (2, 2, 2, 2)
