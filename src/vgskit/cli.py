@@ -9,7 +9,7 @@
     vgskit eval --checkpoint runs/x --manifest M [--split test | --corpus places]   # runs/x: best checkpoint
     vgskit eval --checkpoint runs/x --manifest M --zero-shot-text   # + speech <-> caption text (text-tower models)
     vgskit eval --checkpoint runs/x --manifest M --keyword-hit-rate # + per-slot keyword hit rate (cascaded models)
-    vgskit eval --checkpoint runs/x --manifest M --rerank-top 100  # coarse-to-fine (models with a fine scorer)
+    vgskit eval --checkpoint runs/x --manifest M --rerank-top 100 [--exhaustive-fine]  # coarse-to-fine (fine scorers)
     vgskit eval --model NAME --manifest M                          # a registered model as built
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
     vgskit cache verify /data/features [--model NAME_OR_CHECKPOINT] [--sample 16]   # check a feature cache
@@ -142,13 +142,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _recall_tables(results: dict) -> str:
-    """The recall table, then the table of every family evaluation in the results that has a format."""
+    """The recall table(s), then the table of every family evaluation in the results that has a format.
+
+    With re-ranking or exhaustive fine scores the coarse, coarse-to-fine and exhaustive-fine tables come one
+    after another under their own headings, so the gain of the fine stage and the loss of its cut-off are read
+    off one output.
+    """
     from vgskit.extensions import get_evaluation, list_evaluations
     from vgskit.metrics import format_recall_table
 
-    text = format_recall_table(results)
-    if "rerank_top" in results:
-        text = f"coarse-to-fine: the {results['rerank_top']} best coarse candidates re-ranked by the fine scorer\n" + text
+    if "rerank_top" not in results and "exhaustive_fine" not in results:
+        text = format_recall_table(results)
+    else:
+        top = results.get("rerank_top")
+        sections = [("coarse", "dot products of the pooled embeddings", results.get("coarse", results))]
+        if top is not None:
+            sections.append((f"coarse-to-fine (top {top} re-ranked)",
+                             f"the {top} best coarse candidates of every query re-ranked by the fine scorer", results))
+        if "exhaustive_fine" in results:
+            sections.append(("exhaustive fine", "the fine scorer over every (query, gallery item) pair",
+                             results["exhaustive_fine"]))
+        text = "\n\n".join(f"{title}: {what}\n{format_recall_table(block)}" for title, what, block in sections)
     for name in list_evaluations():
         ev = get_evaluation(name)
         if name in results and ev.format is not None:
@@ -183,7 +197,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = _load_model(args.checkpoint) if args.checkpoint is not None else model_for_evaluation(
         None, args.model, overrides)
     per_split = evaluate_splits(model, args.manifest, splits, batch_size=args.batch_size, rerank_top=args.rerank_top,
-                                extras=extras, region_features=args.region_features)
+                                extras=extras, region_features=args.region_features,
+                                exhaustive_fine=args.exhaustive_fine)
     if by_corpus:
         results: dict = per_split
         for split, split_results in per_split.items():
@@ -294,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--rerank-top", type=int, default=None,
                    help="coarse-to-fine: re-rank the N best coarse candidates of every query with the model's "
-                        "fine scorer (models with score_pairs)")
+                        "fine scorer (models with score_pairs); the coarse recall is printed beside it")
+    e.add_argument("--exhaustive-fine", action="store_true",
+                   help="also score every (caption, image) pair with the fine scorer (models with score_pairs): "
+                        "the ceiling of --rerank-top; costs captions x images fine scores")
     e.add_argument("--region-features", default=None,
                    help="HDF5 file of the images' region features (models that read regions)")
     from vgskit.extensions import get_evaluation, list_evaluations

@@ -249,11 +249,17 @@ def validation_metric_names(*, rerank_top: int | None = None, ks: Sequence[int] 
     from vgskit.metrics import gallery_sizes, recall_at_k
 
     caption_image = torch.tensor([0, 1])
-    results: dict[str, Any] = recall_at_k(torch.eye(2), torch.eye(2), caption_image, ks)
-    for direction, sizes in gallery_sizes(caption_image, 2, ks).items():
-        results[direction].update(sizes)
+    def stand_in() -> dict[str, Any]:
+        block: dict[str, Any] = recall_at_k(torch.eye(2), torch.eye(2), caption_image, ks)
+        for direction, sizes in gallery_sizes(caption_image, 2, ks).items():
+            block[direction].update(sizes)
+        return block
+
+    results = stand_in()
     if rerank_top is not None:
+        # Re-ranked validation also reports the coarse recall of the same embeddings, under "coarse/".
         results["rerank_top"] = int(rerank_top)
+        results["coarse"] = stand_in()
     return sorted(flatten_metrics(results, prefix))
 
 
@@ -645,10 +651,12 @@ def model_for_evaluation(checkpoint: str | Path | None = None, model_name: str |
 def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, batch_size: int = 128,
                     max_seconds: float | None = None, rerank_top: int | None = None,
                     extras: Sequence[str] | Mapping[str, Mapping[str, Any]] = (),
-                    region_features: str | None = None, num_regions: int = 36) -> dict[str, dict[str, Any]]:
+                    region_features: str | None = None, num_regions: int = 36,
+                    exhaustive_fine: bool = False) -> dict[str, dict[str, Any]]:
     """:func:`vgskit.retrieval.evaluate.evaluate` of ``model`` on each split of ``manifest``.
 
-    What the model must offer for the requested ``extras`` is checked once, before any split is read.
+    What the model must offer for the requested ``extras``, ``rerank_top`` and ``exhaustive_fine`` is checked
+    once, before any split is read.
     """
     from vgskit.extensions import get_evaluation
     from vgskit.retrieval.evaluate import evaluate
@@ -659,9 +667,10 @@ def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, 
         check = get_evaluation(name).require_model
         if check is not None:
             check(model)
-    if rerank_top is not None and not model.has_fine_scores:
-        name = getattr(model, "model_name", None) or type(model).__name__
-        raise ConfigError(f"--rerank-top: model {name!r} has no fine scorer (score_pairs) to re-rank with")
+    for option, wanted in (("--rerank-top", rerank_top is not None), ("--exhaustive-fine", exhaustive_fine)):
+        if wanted and not model.has_fine_scores:
+            name = getattr(model, "model_name", None) or type(model).__name__
+            raise ConfigError(f"{option}: model {name!r} has no fine scorer (score_pairs) to re-rank with")
     regions = RegionSource(region_features, num_regions) if region_features else None
     if regions is None and model.image_input == "regions":
         raise ConfigError("--region-features: this model reads region features; give the HDF5 file of the images")
@@ -670,7 +679,7 @@ def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, 
         ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True,
                           regions=regions)
         results[split] = evaluate(model, ds, batch_size=batch_size, rerank_top=rerank_top, extras=requested,
-                                  source=f"{manifest} (split {split!r})")
+                                  source=f"{manifest} (split {split!r})", exhaustive_fine=exhaustive_fine)
     return results
 
 

@@ -332,6 +332,7 @@ def evaluate(
     batch_size: int = 128,
     rerank_batch_size: int | None = None,
     source: str | None = None,
+    exhaustive_fine: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset``: recall both directions, optionally coarse-to-fine, plus extras.
 
@@ -350,11 +351,18 @@ def evaluate(
         batch_size: captions / images per embedding batch.
         rerank_batch_size: pairs per ``score_pairs`` call (``None``: a whole block of queries).
         source: the data's name for error messages (e.g. the manifest and split).
+        exhaustive_fine: also score *every* (caption, image) pair with ``score_pairs`` (re-ranking the whole
+            gallery of each direction): the ceiling of coarse-to-fine, which tells how much recall the cut-off at
+            ``rerank_top`` loses. It costs ``n_captions x n_images`` fine scores, so it is asked for explicitly.
 
     Returns:
         :func:`evaluate_retrieval`'s dictionary (with ``rerank_top`` when re-ranked), each direction also holding
         its gallery size ``n_gallery`` and the recall of a random ranking ``chance_R@K``
-        (:func:`vgskit.metrics.gallery_sizes`), plus one entry per extra.
+        (:func:`vgskit.metrics.gallery_sizes`), plus one entry per extra. With ``rerank_top`` the top-level
+        numbers are the coarse-to-fine ones and ``"coarse"`` holds the coarse recall of the same embeddings
+        (the dictionary of an evaluation without ``rerank_top``, extras aside), so the gain of the fine stage
+        is read from one run; with ``exhaustive_fine``, ``"exhaustive_fine"`` holds the fine-only recall in
+        the same shape.
     """
     from vgskit.extensions import get_evaluation
 
@@ -364,9 +372,10 @@ def evaluate(
     evaluations = {name: get_evaluation(name) for name in requested}
     if rerank_top is not None:
         _check_positive("rerank_top", rerank_top)
-        if not model.has_fine_scores:
+    for option, wanted in (("rerank_top", rerank_top is not None), ("exhaustive_fine", exhaustive_fine)):
+        if wanted and not model.has_fine_scores:
             name = getattr(model, "model_name", None) or type(model).__name__
-            raise ValueError(f"rerank_top: model {name!r} has no fine scorer (score_pairs) to re-rank with")
+            raise ValueError(f"{option}: model {name!r} has no fine scorer (score_pairs) to re-rank with")
     # Everything the model and the data must offer is checked before the (long) embedding passes.
     for ev in evaluations.values():
         if ev.require_model is not None:
@@ -376,14 +385,29 @@ def evaluate(
     speech = embed_speech(model, dataset, batch_size)
     image = embed_images(model, dataset, batch_size)
     caption_image = torch.tensor(dataset.caption_image_index, dtype=torch.long)
-    reranker = pair_scorer(model, speech, image) if rerank_top is not None else None
-    results = evaluate_retrieval(speech.pooled, image.pooled, caption_image, ks=ks, reranker=reranker,
-                                 rerank_top=rerank_top or 100, rerank_batch_size=rerank_batch_size)
-    # Gallery sizes and chance levels beside every recall: R@K means little without them (see format_recall_table).
-    for direction, sizes in gallery_sizes(caption_image, len(image.pooled), ks).items():
-        results[direction].update(sizes)
-    if rerank_top is not None:
+    fine = pair_scorer(model, speech, image) if rerank_top is not None or exhaustive_fine else None
+
+    def recall(reranker: Reranker | None, top: int) -> dict[str, Any]:
+        # Every pass scores the same stored embeddings: the coarse, coarse-to-fine and exhaustive numbers differ
+        # only by the ranking, never by a second (possibly non-deterministic) embedding pass.
+        out = evaluate_retrieval(speech.pooled, image.pooled, caption_image, ks=ks, reranker=reranker,
+                                 rerank_top=top, rerank_batch_size=rerank_batch_size)
+        # Gallery sizes and chance levels beside every recall: R@K means little without them (see
+        # format_recall_table).
+        for direction, sizes in gallery_sizes(caption_image, len(image.pooled), ks).items():
+            out[direction].update(sizes)
+        return out
+
+    coarse = recall(None, 1)
+    if rerank_top is None:
+        results = coarse
+    else:
+        results = recall(fine, rerank_top)
         results["rerank_top"] = int(rerank_top)
+        results["coarse"] = coarse
+    if exhaustive_fine:
+        # Re-ranking a whole gallery is scoring every pair: the cut-off covers both directions' galleries.
+        results["exhaustive_fine"] = recall(fine, max(len(speech.pooled), len(image.pooled), 1))
     for name, ev in evaluations.items():
         options = {**ev.options, **requested[name]}
         results[name] = ev.fn(model, dataset, batch_size=batch_size, source=where, options=options,
