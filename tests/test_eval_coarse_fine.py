@@ -11,14 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
 import _contract_toys  # noqa: F401  (registers the toy models)
+from _regions import write_grid_regions
 from vgskit.cli import main
 from vgskit.data.loader import RegionSource, SpokenCaptionDataset
-from vgskit.data.manifest import read_manifest
 from vgskit.errors import ConfigError
 from vgskit.experiment import flatten_metrics, make_dataset, validation_metric_names
 from vgskit.models import RetrievalModel, create_model, save_pretrained
@@ -31,26 +30,7 @@ DIRECTIONS = ("speech_to_image", "image_to_speech")
 @pytest.fixture(scope="module")
 def region_file(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Region features of every image of the tiny corpus: the 2×2 grid cells (mean and std of RGB)."""
-    from vgskit.encoders.regions import RegionFeatures, write_region_hdf5
-    from vgskit.images import load_image
-
-    seen: dict[str, str] = {}
-    for r in read_manifest(tiny_manifest):
-        seen.setdefault(r.image_id, r.image)
-    items = []
-    for image_id, path in seen.items():
-        img = np.asarray(load_image(path).resize((32, 32)), dtype=np.float32) / 255.0  # [32, 32, 3]
-        feats, boxes = [], []
-        for y in (0, 16):
-            for x in (0, 16):
-                cell = img[y:y + 16, x:x + 16].reshape(-1, 3)
-                feats.append(np.concatenate([cell.mean(0), cell.std(0)]))
-                boxes.append([x / 32, y / 32, (x + 16) / 32, (y + 16) / 32])
-        items.append((image_id, RegionFeatures(torch.tensor(np.array(feats)), torch.tensor(boxes),
-                                               torch.tensor([0.2, 0.9, 0.5, 0.7])), 32, 32))
-    path = tmp_path_factory.mktemp("regions") / "regions.h5"
-    write_region_hdf5(path, items)
-    return path
+    return write_grid_regions(tiny_manifest, tmp_path_factory.mktemp("regions") / "regions.h5", (0.2, 0.9, 0.5, 0.7))
 
 
 @pytest.fixture(scope="module")

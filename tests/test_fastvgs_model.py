@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from _regions import write_grid_regions
 from _tiny_speechclip import SPEECH
 from vgskit.contract import Batch, Embeddings, ImageInputs, SpeechInputs, TrainState
 from vgskit.data.loader import RegionSource, collate_spoken_captions
-from vgskit.data.manifest import read_manifest
 from vgskit.experiment import make_dataset
 from vgskit.models import create_model, list_models, model_config
 from vgskit.models.fast_vgs import FastVGS, FastVGSConfig
@@ -171,26 +170,7 @@ def test_step_losses_are_the_weighted_margin_infonce(wav2vec2: Path) -> None:
 @pytest.fixture(scope="module")
 def regions(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Region features of every image of the tiny corpus: the 2×2 grid cells (mean and std of RGB)."""
-    from vgskit.encoders.regions import RegionFeatures, write_region_hdf5
-    from vgskit.images import load_image
-
-    seen: dict[str, str] = {}
-    for r in read_manifest(tiny_manifest):
-        seen.setdefault(r.image_id, r.image)
-    items = []
-    for image_id, path in seen.items():
-        img = np.asarray(load_image(path).resize((32, 32)), dtype=np.float32) / 255.0  # [32, 32, 3]
-        feats, boxes = [], []
-        for y in (0, 16):
-            for x in (0, 16):
-                cell = img[y:y + 16, x:x + 16].reshape(-1, 3)
-                feats.append(np.concatenate([cell.mean(0), cell.std(0)]))
-                boxes.append([x / 32, y / 32, (x + 16) / 32, (y + 16) / 32])
-        items.append((image_id, RegionFeatures(torch.tensor(np.array(feats)), torch.tensor(boxes),
-                                               torch.tensor([0.9, 0.8, 0.7, 0.6])), 32, 32))
-    path = tmp_path_factory.mktemp("regions") / "regions.h5"
-    write_region_hdf5(path, items)
-    return path
+    return write_grid_regions(tiny_manifest, tmp_path_factory.mktemp("regions") / "regions.h5", (0.9, 0.8, 0.7, 0.6))
 
 
 def _exhaustive_fine_recall(model: FastVGS, speech: Embeddings, image: Embeddings, labels: list[int],

@@ -31,6 +31,7 @@ from vgskit.models.speechclip.convert import (
     load_reference_checkpoint,
     read_reference_checkpoint,
 )
+from vgskit.models.stand_in_pickle import stand_in_pickle_module
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -243,8 +244,7 @@ def test_checkpoint_files(source, towers, order, tmp_path, monkeypatch) -> None:
                                           r"--allow-pickle"):
         read_reference_checkpoint(tmp_path / "released.ckpt")
     assert read_reference_checkpoint(tmp_path / "released.ckpt", allow_pickle=True).keys() == ref.keys()
-    held = torch.load(tmp_path / "released.ckpt", weights_only=False,
-                      pickle_module=sys.modules["vgskit.models.speechclip.convert"]._tolerant_pickle_module())
+    held = torch.load(tmp_path / "released.ckpt", weights_only=False, pickle_module=stand_in_pickle_module())
     stand_in = held["hyper_parameters"]["config"]
     assert isinstance(stand_in, UnpickledObject) and stand_in["model_settings"]["cascaded_objective_weight"] == 1.0
     assert stand_in.origin == "reference_pkg_config.OrderedNamespace" and stand_in.state == {"trainer": {"max_steps": 50000}}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -437,6 +438,30 @@ def apply_overrides(d: Mapping[str, Any], overrides: Iterable[str]) -> dict[str,
     return out
 
 
+def model_section(config: str, overrides: Iterable[str] = (), *, option: str = "--config",
+                  family: str = "model") -> dict[str, Any]:
+    """A model section for converters: a registered name (``{"name": config}``), or a JSON/YAML file holding a
+    model section (a mapping with an optional ``name``, or a recipe whose ``model`` section is used); dotted
+    ``overrides`` (``KEY=VALUE``) apply to it. Errors name ``option``, the file and the problem."""
+    path = Path(config)
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
+        return apply_overrides({"name": config}, overrides)
+    if not path.is_file():
+        raise ConfigError(f"{option} {path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
+        section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        raise ConfigError(f"{option} {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
+    if isinstance(section, dict) and isinstance(section.get("model"), dict):
+        section = section["model"]  # a recipe
+    if not isinstance(section, dict):
+        raise ConfigError(f"{option} {path}: expected a mapping of {family} config values, "
+                          f"got {type(section).__name__}")
+    return apply_overrides(section, overrides)
+
+
 def train_config_from_recipe(recipe: Mapping[str, Any], section: str = "train") -> TrainConfig:
     """Build the :class:`TrainConfig` from the ``train`` section of a loaded recipe."""
     return config_from_dict(TrainConfig, recipe.get(section) or {}, prefix=section)
@@ -468,6 +493,7 @@ __all__ = [
     "apply_overrides",
     "config_from_dict",
     "load_recipe",
+    "model_section",
     "parse_override",
     "resolve_recipe_bases",
     "to_jsonable",

@@ -8,38 +8,20 @@ imports happen inside the command, so that registering it costs nothing.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from vgskit.errors import VGSKitError
 from vgskit.extensions import register_converter
 
 __all__ = ["add_convert_arguments", "config_section", "run_convert"]
 
 
 def config_section(config: str) -> dict[str, Any]:
-    """``--config``: a registered FaST-VGS name, or a JSON/YAML file holding a model section (a mapping with an
-    optional ``name``, or a recipe whose ``model`` section is used)."""
-    path = Path(config)
-    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
-        return {"name": config}
-    if not path.is_file():
-        raise VGSKitError(f"--config {path}: file not found")
-    import yaml
+    """``--config``: a registered FaST-VGS name or a JSON/YAML model section
+    (:func:`vgskit.train.config.model_section`)."""
+    from vgskit.train.config import model_section
 
-    try:
-        text = path.read_text(encoding="utf-8")
-        # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
-        section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        raise VGSKitError(f"--config {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
-    if isinstance(section, dict) and isinstance(section.get("model"), dict):
-        section = section["model"]  # a recipe
-    if not isinstance(section, dict):
-        raise VGSKitError(f"--config {path}: expected a mapping of FaST-VGS config values, got {type(section).__name__}")
-    return section
+    return model_section(config, family="FaST-VGS")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:

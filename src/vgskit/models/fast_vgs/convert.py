@@ -33,7 +33,6 @@ import argparse
 import copy
 import pickle
 import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import Tensor
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.models.fast_vgs.model import FastVGS, FastVGSConfig
 from vgskit.models.fast_vgs.transformer import reference_key_map
+from vgskit.models.stand_in_pickle import StandInUnpickler, UnpickledObject, stand_in_pickle_module
 
 #: The file name the reference saves its best model under, and its training arguments.
 BUNDLE_NAME = "best_bundle.pth"
@@ -93,47 +93,6 @@ class FastVGSConversion:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class UnpickledObject(dict):
-    """Stands in for a class that is not installed while a trusted file is unpickled (no code of it runs)."""
-
-    origin = ""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__()
-        self.args = args
-        self.kwargs = kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, Mapping):
-            self.update(state)
-        self.state = state
-
-
-def _placeholder(module: str, name: str) -> type:
-    return type(name, (UnpickledObject,), {"origin": f"{module}.{name}", "__module__": module})
-
-
-class _StandInUnpickler(pickle.Unpickler):
-    """Resolves ``argparse.Namespace`` and installed classes; anything else becomes an :class:`UnpickledObject`,
-    so that the reference's own classes are never needed."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == ("argparse", "Namespace"):
-            return argparse.Namespace
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return _placeholder(module, name)
-
-
-def _stand_in_pickle_module() -> types.ModuleType:
-    # torch.load(pickle_module=...) subclasses ``Unpickler`` and reads ``load`` (older file formats).
-    module = types.ModuleType("vgskit_stand_in_pickle")
-    module.Unpickler = _StandInUnpickler  # type: ignore[attr-defined]
-    module.load = lambda file, **kwargs: _StandInUnpickler(file, **kwargs).load()  # type: ignore[attr-defined]
-    return module
-
-
 def resolve_bundle(path: str | Path) -> tuple[Path, Path | None]:
     """``best_bundle.pth`` and the ``args.pkl`` next to it (``None`` if absent) for a file or a run folder.
 
@@ -168,7 +127,7 @@ def read_reference_bundle(path: str | Path, *, allow_pickle: bool = False) -> di
         raise VGSKitError(f"checkpoint {p}: file not found")
     try:
         if allow_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_stand_in_pickle_module())
+            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=stand_in_pickle_module())
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -215,7 +174,7 @@ def read_reference_args(path: str | Path, *, allow_pickle: bool = False) -> dict
                           "--config / --set")
     try:
         with open(p, "rb") as f:
-            obj = _StandInUnpickler(f).load()
+            obj = StandInUnpickler(f).load()
     except Exception as err:  # OSError, UnpicklingError, EOFError, ...
         raise VGSKitError(f"{p}: cannot be unpickled ({type(err).__name__}: {err})") from None
     if isinstance(obj, argparse.Namespace):

@@ -149,30 +149,11 @@ def run_layers(args: argparse.Namespace) -> int:
 
 
 def config_section(config: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """``--config``: a registered SpeechCLIP name, or a JSON/YAML file holding a model section (a mapping with an
-    optional ``name``, or a recipe whose ``model`` section is used); ``--set`` overrides apply to it."""
-    from vgskit.train.config import apply_overrides
+    """``--config``: a registered SpeechCLIP name or a JSON/YAML model section, with ``--set`` overrides applied
+    (:func:`vgskit.train.config.model_section`)."""
+    from vgskit.train.config import model_section
 
-    path = Path(config)
-    if path.suffix.lower() in (".json", ".yaml", ".yml"):
-        if not path.is_file():
-            raise VGSKitError(f"--config {path}: file not found")
-        import yaml
-
-        try:
-            text = path.read_text(encoding="utf-8")
-            # Not YAML for JSON: YAML 1.1 reads numbers such as 1e-05 as strings.
-            section = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as err:
-            raise VGSKitError(f"--config {path}: cannot read it as {path.suffix[1:].upper()} ({err})") from None
-        if isinstance(section, dict) and isinstance(section.get("model"), dict):
-            section = section["model"]  # a recipe
-        if not isinstance(section, dict):
-            raise VGSKitError(f"--config {path}: expected a mapping of SpeechCLIP config values, "
-                              f"got {type(section).__name__}")
-    else:
-        section = {"name": config}
-    return apply_overrides(section, list(overrides))
+    return model_section(config, overrides, family="SpeechCLIP")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import pickle
 import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import Tensor
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.models.speechclip.blocks import convert_speechclip_state_dict
 from vgskit.models.speechclip.model import SpeechCLIP, SpeechCLIPConfig
+from vgskit.models.stand_in_pickle import UnpickledObject, stand_in_pickle_module
 
 #: Reference key of the cascaded branch's (reduced) keyword table, and the same table held by the CLIP tower.
 REFERENCE_TABLE_KEYS = ("cascaded_branch.clip.model.token_embedding.weight", "clip.model.token_embedding.weight")
@@ -54,48 +54,6 @@ class ReferenceConversion:
     keyword_vocab_source: str | None
 
 
-class UnpickledObject(dict):
-    """Stands in for a class that is not installed here while a trusted checkpoint is unpickled.
-
-    Released Lightning checkpoints pickle the reference code's own config class in ``hyper_parameters``;
-    none of it is needed to convert the weights. Items, constructor arguments and state are kept as data
-    (no code of the original class runs).
-    """
-
-    origin = ""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__()
-        self.args = args
-        self.kwargs = kwargs
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def __repr__(self) -> str:
-        return f"<{self.origin} (not installed): {dict(self)!r}>"
-
-
-def _placeholder(module: str, name: str) -> type:
-    return type(name, (UnpickledObject,), {"origin": f"{module}.{name}", "__module__": module})
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return _placeholder(module, name)
-
-
-def _tolerant_pickle_module() -> types.ModuleType:
-    # torch.load(pickle_module=...) subclasses ``Unpickler`` and reads ``load`` (older file formats).
-    module = types.ModuleType("vgskit_tolerant_pickle")
-    module.Unpickler = _TolerantUnpickler  # type: ignore[attr-defined]
-    module.load = lambda file, **kwargs: _TolerantUnpickler(file, **kwargs).load()  # type: ignore[attr-defined]
-    return module
-
-
 def read_reference_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
     """The reference state dict of a released SpeechCLIP checkpoint file.
 
@@ -121,7 +79,7 @@ def read_reference_checkpoint(path: str | Path, *, allow_pickle: bool = False) -
             raise VGSKitError(f"checkpoint {p}: not a readable safetensors file ({err})") from None
     try:
         if allow_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=_tolerant_pickle_module())
+            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=stand_in_pickle_module())
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
