@@ -93,12 +93,70 @@ def _fast_vgs(t: Towers) -> RetrievalModel:
     return create_model("fast_vgs_tiny", speech={"name_or_path": _tiny_wav2vec2()}, region_feat_dim=6)
 
 
+_TINY_VIT: dict[str, str] = {}
+
+
+def _vg_hubert(name: str) -> Callable[[Towers], RetrievalModel]:
+    """A VG-HuBERT preset on the tiny HuBERT (2 layers, the last re-initialised) and a tiny random ViT saved once."""
+
+    def build(t: Towers) -> RetrievalModel:
+        import tempfile
+
+        from transformers import ViTConfig, ViTModel
+
+        if "folder" not in _TINY_VIT:
+            folder = tempfile.mkdtemp(prefix="tiny_vit_")
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                ViTModel(ViTConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+                                   image_size=32, patch_size=8), add_pooling_layer=False).eval().save_pretrained(folder)
+            _TINY_VIT["folder"] = folder
+        return create_model(name, speech={"name_or_path": str(t.hubert), "num_layers": 2, "reinit_last": 1},
+                            image={"name_or_path": _TINY_VIT["folder"]}, embed_dim=16, proj_hidden=32,
+                            segment_layer=1)
+
+    return build
+
+
+_TINY_MAE: dict[str, str] = {}
+
+
+def _sg_mim(name: str) -> Callable[[Towers], RetrievalModel]:
+    """An SG-MIM preset on the tiny HuBERT and a tiny random ViT-MAE saved once (16 patches), with a small decoder."""
+
+    def build(t: Towers) -> RetrievalModel:
+        import tempfile
+
+        from transformers import ViTMAEConfig, ViTMAEModel
+
+        if "folder" not in _TINY_MAE:
+            folder = tempfile.mkdtemp(prefix="tiny_mae_")
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                ViTMAEModel(ViTMAEConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=48, image_size=32, patch_size=8)).eval().save_pretrained(folder)
+            _TINY_MAE["folder"] = folder
+        return create_model(name, speech={"name_or_path": str(t.hubert), "num_layers": 2, "reinit_last": 1},
+                            image={"name_or_path": _TINY_MAE["folder"]}, embed_dim=16, segment_layer=1,
+                            decoder_dim=16, decoder_heads=2, decoder_ffn=32)
+
+    return build
+
+
 TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
     "fast_vgs": _fast_vgs,
     "fast_vgs_tiny": _fast_vgs,
+    # The log-mel CNN front end (no pretrained tower) at the preset's own widths, on the 6-d test regions.
+    # At fast_vgs_tiny's widths (dropout off), which the shared six steps at Adam lr 1e-2 suit.
+    "fast_vgs_scenes": lambda t: create_model(
+        "fast_vgs_scenes", region_feat_dim=6, resdavenet_widths=(16, 16, 16, 32, 32),
+        speech_cnn={"stem_channels": (32,), "channels": (32,), "depths": (1,), "strides": (1,)},
+        layer={"hidden_size": 32, "num_heads": 2, "ffn_dim": 64, "dropout": 0.0, "attention_dropout": 0.0}),
     "dual_encoder": lambda t: create_model("dual_encoder"),
     "dual_encoder_tiny": lambda t: create_model("dual_encoder_tiny"),
     **{f"speechclip_{b}_{s}": _speechclip(b) for b in ("parallel", "cascaded") for s in ("base", "large")},
+    **{name: _vg_hubert(name) for name in ("vg_hubert", "vg_hubert_m", "vg_hubert_tiny")},
+    **{name: _sg_mim(name) for name in ("sg_mim", "sg_mim_tiny")},
     "test_frozen_towers": _toy_frozen,
     "test_toy_text": lambda t: create_model("test_toy_text", vocabulary=("a", "red", "bag")),
     "test_no_extras": lambda t: create_model("test_no_extras"),

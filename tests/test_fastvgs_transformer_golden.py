@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from _golden import case, section
+from vgskit.errors import ConfigError
 from vgskit.models.fast_vgs import (
     BertLayer,
     BertLayerConfig,
@@ -180,19 +181,19 @@ def test_different_key_sets_are_refused() -> None:
     dropped = "visn_self_att.key.bias"
     bad = {k: v for k, v in params.items() if k != dropped}
     bad["visn_self_att.output.dense.weight"] = params["visual_attention.output.dense.weight"]
-    with pytest.raises(KeyError) as err:
+    with pytest.raises(ConfigError) as err:
         load_reference_state_dict(module, bad)
     message = str(err.value)
     assert dropped in message and "visn_self_att.output.dense.weight" in message
     assert "missing" in message and "unexpected" in message
 
     # A cross layer's keys do not fit a BERT layer, nor the reverse.
-    with pytest.raises(KeyError, match="attention.self.query.weight"):
+    with pytest.raises(ConfigError, match="attention.self.query.weight"):
         convert_reference_state_dict(
             BertLayer(BertLayerConfig.from_reference(meta["constructor_args"]["config"])), params
         )
     bert_t, bert_meta = _case("fastvgs_bert_layer")
-    with pytest.raises(KeyError, match="visual_attention.att.query.weight"):
+    with pytest.raises(ConfigError, match="visual_attention.att.query.weight"):
         convert_reference_state_dict(_build_cross_layer(bert_meta), _section(bert_t, "param."))
 
 
@@ -204,7 +205,7 @@ def test_cross_encoder_map_covers_every_layer() -> None:
     config = CrossEncoderConfig.from_reference(meta["constructor_args"]["args"])
     smaller = CrossEncoder(CrossEncoderConfig(layer=config.layer, num_layers=config.num_layers - 1))
     last = config.num_layers - 1
-    with pytest.raises(KeyError, match=rf"xtrm\.{last}\.visual_attention\.att\.query\.weight"):
+    with pytest.raises(ConfigError, match=rf"xtrm\.{last}\.visual_attention\.att\.query\.weight"):
         load_reference_state_dict(smaller, _section(t, "param."))
 
 

@@ -262,7 +262,7 @@ def test_a_second_generator_waits_and_reuses_the_corpus(tmp_path: Path) -> None:
     waiter = threading.Thread(
         target=lambda: results.append(generate_spoken_scenes(out, SMALL, workers=1, progress=False))
     )
-    with synthetic._generation_lock(out, progress=False):  # the "first process"
+    with synthetic.corpus_lock(out, progress=False):  # the "first process"
         waiter.start()
         waiter.join(timeout=1.0)
         # Blocked before writing anything (a generator writes corpus.partial.json first thing).

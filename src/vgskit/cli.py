@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score every (caption, image) pair with the fine scorer (models with score_pairs): "
                         "the ceiling of --rerank-top; costs captions x images fine scores")
     e.add_argument("--region-features", default=None,
-                   help="HDF5 file of the images' region features (models that read regions)")
+                   help="HDF5 file of the images' region features (models that read regions); 'scene_boxes' with a "
+                        "spoken-scenes manifest: the generator's boxes with EfficientNet-Lite0 features")
     from vgskit.extensions import get_evaluation, list_evaluations
 
     for name in list_evaluations():  # the families' own evaluations add their flags
@@ -330,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--split", default="test")
     i.add_argument("--out", required=True)
     i.add_argument("--region-features", default=None,
-                   help="HDF5 file of the images' region features (models that read regions)")
+                   help="HDF5 file of the images' region features (models that read regions); 'scene_boxes' with a "
+                        "spoken-scenes manifest: the generator's boxes with EfficientNet-Lite0 features")
     i.set_defaults(func=_cmd_index)
 
     s = sub.add_parser("search", help="search an index with spoken queries (audio files)")

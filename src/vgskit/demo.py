@@ -30,8 +30,16 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
              workers: int | None = None, overrides: Iterable[str] = (), resume: bool = True,
              progress: bool = True) -> dict[str, Any]:
     """Run the whole demo and return the results written to ``out_dir/results.json``."""
+    from vgskit.data.loader import RegionSource
+    from vgskit.data.scene_regions import resolve_region_features
     from vgskit.data.synthetic import PRESETS, ceiling, generate_spoken_scenes, preset_dir
-    from vgskit.experiment import load_model, make_dataset, train_from_recipe
+    from vgskit.experiment import (
+        data_config_from,
+        load_experiment,
+        load_model,
+        make_dataset,
+        train_from_recipe,
+    )
     from vgskit.metrics import format_recall_table
     from vgskit.report import write_report
     from vgskit.retrieval.engine import SearchEngine
@@ -60,11 +68,19 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
 
     _say("[3/5] evaluating the best checkpoint on the test split", progress)
     model = load_model(train_dir)
+    # What the recipe feeds the model beyond pixels: region features (region models) and how many coarse
+    # candidates the fine scorer re-ranks (models with score_pairs).
+    data_cfg = data_config_from(load_experiment(recipe, overrides).get("data"))
+    regions = None
+    if model.image_input == "regions":
+        path = resolve_region_features(data_cfg.region_features, manifest, progress=progress)
+        regions = RegionSource(path, data_cfg.num_regions) if path else None
+    rerank_top = data_cfg.rerank_top if model.has_fine_scores else None
     test_set = make_dataset(manifest, "test", model.image_transform, max_seconds=None, preload=True,
-                            progress=progress)
+                            progress=progress, regions=regions)
     from vgskit.retrieval.evaluate import evaluate
 
-    results = evaluate(model, test_set, source=f"{manifest} (split 'test')")
+    results = evaluate(model, test_set, source=f"{manifest} (split 'test')", rerank_top=rerank_top)
     ceil = ceiling(corpus_dir, "test")
 
     _say("[4/5] search index over the test images + sample spoken queries", progress)
@@ -74,7 +90,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
     step = max(1, len(records) // N_QUERIES)
     queries = []
     for r in records[::step][:N_QUERIES]:
-        hits = engine.search_by_audio(r.audio, k=5)
+        # Five hits per query: re-rank at least five candidates.
+        hits = engine.search_by_audio(r.audio, k=5, rerank_top=None if rerank_top is None else max(rerank_top, 5))
         queries.append({"audio": r.audio, "transcript": r.text, "speaker": r.speaker,
                         "gold_image_id": r.image_id, "hits": [asdict(h) for h in hits]})
 
@@ -84,6 +101,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
         "test images": len(test_set.image_keys),
         "test captions": len(test_set),
         "recipe": recipe,
+        "re-ranked candidates": rerank_top,
         "steps": summary.get("step"),
         "best step": summary.get("best_step"),
         "best val mean R@10": None if summary.get("best_metric") is None else round(summary["best_metric"], 2),
@@ -94,6 +112,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
     rows = read_metrics(train_dir) if (train_dir / "metrics.jsonl").is_file() else []
     html_path, json_path = write_report(out_dir, title="vgskit demo: spoken-scenes retrieval", results=results,
                                         ceiling=ceil, metrics_rows=rows, queries=queries, info=info)
+    if "coarse" in results:  # a re-ranked evaluation: coarse recall first, then coarse-to-fine
+        print(f"coarse (embeddings only)\n{format_recall_table(results['coarse'], ceiling=ceil)}")
+        print(f"coarse-to-fine (top {rerank_top} re-ranked by the fine scorer)")
     print(format_recall_table(results, ceiling=ceil))
     print(f"report: {html_path}\nresults: {json_path}")
     return json.loads(json_path.read_text())

@@ -81,6 +81,8 @@ class DataConfig:
         feature_cache_batch_size: files per tower call during extraction.
         region_features: a BUTD/LXMERT HDF5 file of region features for every image (models whose
             ``image_input`` is ``"regions"``, e.g. FaST-VGS); images are then read from it, never decoded.
+            ``scene_boxes`` with the embedded corpus: the scene generator's object boxes with ImageNet
+            EfficientNet-Lite0 features pooled over each (:mod:`vgskit.data.scene_regions`; made once per corpus).
         num_regions: regions per image (most confident first; fewer are zero-padded and masked).
         extra_fields: manifest fields beyond the schema that batches carry (``Batch.extras``).
         train_augment: the train-time image augmentation (:class:`vgskit.data.augment.AugmentConfig`, e.g.
@@ -365,7 +367,12 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     torch.manual_seed(train_cfg.seed)
     model = create_model(model_name, **model_d)
     transform = model.image_transform
-    regions = _region_source(model, data_cfg)
+    # Region features computed on first use (scene_boxes): the main process makes them, the others wait.
+    if is_main():
+        regions = _region_source(model, data_cfg, manifest_path, progress=progress)
+    barrier()
+    if not is_main():
+        regions = _region_source(model, data_cfg, manifest_path, progress=False)
 
     caches: dict[str, Any] = {}
     cache_summary: dict[str, Any] = {}
@@ -504,14 +511,18 @@ def _check_training_data(train_cfg: TrainConfig, data_cfg: DataConfig, manifest_
     return val_records
 
 
-def _region_source(model: Any, data_cfg: DataConfig) -> RegionSource | None:
+def _region_source(model: Any, data_cfg: DataConfig, manifest: str | Path,
+                   progress: bool = True) -> RegionSource | None:
     """The region features a region model reads (``data.region_features``), or None for pixel models."""
+    from vgskit.data.scene_regions import resolve_region_features
+
     name = getattr(model, "model_name", None) or type(model).__name__
     if model.image_input == "regions":
         if data_cfg.region_features is None:
             raise ConfigError(f"data.region_features: model {name!r} reads region features; give the BUTD/LXMERT "
                               "HDF5 file of the corpus's images")
-        return RegionSource(data_cfg.region_features, data_cfg.num_regions)
+        path = resolve_region_features(data_cfg.region_features, manifest, progress=progress)
+        return RegionSource(path, data_cfg.num_regions)
     if data_cfg.region_features is not None:
         raise ConfigError(f"data.region_features: model {name!r} reads {model.image_input}, not region features; "
                           "remove data.region_features")
@@ -671,6 +682,9 @@ def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, 
         if wanted and not model.has_fine_scores:
             name = getattr(model, "model_name", None) or type(model).__name__
             raise ConfigError(f"{option}: model {name!r} has no fine scorer (score_pairs) to re-rank with")
+    from vgskit.data.scene_regions import resolve_region_features
+
+    region_features = resolve_region_features(region_features, manifest)
     regions = RegionSource(region_features, num_regions) if region_features else None
     if regions is None and model.image_input == "regions":
         raise ConfigError("--region-features: this model reads region features; give the HDF5 file of the images")
@@ -708,9 +722,11 @@ def evaluate_corpus(checkpoint: str | Path, manifest: str | Path, corpus: str, *
 def build_index(checkpoint: str | Path, manifest: str | Path, *, split: str = "test",
                 out_dir: str | Path, region_features: str | None = None, num_regions: int = 36) -> Path:
     """Embed the distinct images of a split into a saved :class:`~vgskit.retrieval.engine.SearchEngine`."""
+    from vgskit.data.scene_regions import resolve_region_features
     from vgskit.retrieval.engine import SearchEngine
 
     model = load_model(checkpoint)
+    region_features = resolve_region_features(region_features, manifest)
     regions = RegionSource(region_features, num_regions) if region_features else None
     if regions is None and model.image_input == "regions":
         raise ConfigError("--region-features: this model reads region features; give the HDF5 file of the images")

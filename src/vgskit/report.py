@@ -171,6 +171,9 @@ def write_report(out_dir: str | Path, *, title: str, results: dict[str, Any], ce
         "</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         "<h2>Retrieval on the test split</h2>",
+        *(["<h3>Coarse (embeddings only)</h3>", _recall_table(results["coarse"], ceiling, ks),
+           "<h3>Coarse-to-fine (the best coarse candidates re-ranked by the fine scorer)</h3>"]
+          if isinstance(results.get("coarse"), dict) else []),
         _recall_table(results, ceiling, ks),
         "<p>Recall in percent. speech → image: the gallery is the unique test images; image → speech: the gallery "
         "is every test caption and a query counts as a hit when any caption of its image is in the top K. "

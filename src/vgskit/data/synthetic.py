@@ -56,7 +56,9 @@ __all__ = [
     "ceiling_from_facts",
     "default_cache_dir",
     "generate_spoken_scenes",
+    "object_boxes",
     "preset_dir",
+    "scene_glyphs",
     "spoken_scenes",
 ]
 
@@ -594,6 +596,59 @@ def _to_16k_trimmed(samples: np.ndarray, sr: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
+def _placement(obj: dict, size: int) -> tuple[int, int, int]:
+    """Top-left corner ``(x0, y0)`` and side of an object's square in a ``size``-pixel image."""
+    cell = size / GRID
+    side = max(8, int(round(cell * _SIZE_FRACTION[obj["size"]])))
+    free = cell - side
+    x0 = int(round(obj["col"] * cell + free / 2 + obj["jitter"][0] * free / 2))
+    y0 = int(round(obj["row"] * cell + free / 2 + obj["jitter"][1] * free / 2))
+    return min(max(x0, 0), size - side), min(max(y0, 0), size - side), side
+
+
+def _glyph_picture(glyph: np.ndarray, side: int) -> np.ndarray:
+    """A Fashion-MNIST picture resized to ``side`` pixels, as intensities in [0, 1]."""
+    picture = np.asarray(Image.fromarray(glyph).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32)
+    return np.clip(picture / 255.0, 0.0, 1.0)
+
+
+def _glyph_alpha(picture: np.ndarray) -> np.ndarray:
+    # Intensity is both the mask (alpha) and the shading, so fabric texture stays visible.
+    return np.clip(picture * 3.0, 0.0, 1.0)
+
+
+def object_boxes(scene: dict, size: int, glyphs: Sequence[np.ndarray] | None = None,
+                 alpha_threshold: float = 0.5) -> np.ndarray:
+    """Pixel boxes ``[n_objects, 4]`` (``x1, y1, x2, y2``, end exclusive) of a scene's objects, in scene order.
+
+    They come from the same placement the renderer uses, so they are where the objects are drawn. With the
+    objects' ``glyphs`` (their Fashion-MNIST pictures) each box is tightened to the pixels the object covers
+    with opacity ``>= alpha_threshold``, as a detector's box would be; without them it is the object's square.
+    """
+    boxes = np.zeros((len(scene["objects"]), 4), dtype=np.float64)
+    for i, obj in enumerate(scene["objects"]):
+        x0, y0, side = _placement(obj, size)
+        box = [x0, y0, x0 + side, y0 + side]
+        if glyphs is not None:
+            ys, xs = np.nonzero(_glyph_alpha(_glyph_picture(glyphs[i], side)) >= alpha_threshold)
+            if len(xs):  # a blank picture (none in Fashion-MNIST) keeps its square
+                box = [x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1]
+        boxes[i] = box
+    return boxes
+
+
+def scene_glyphs(scenes: Sequence[dict]) -> list[list[np.ndarray]]:
+    """The Fashion-MNIST pictures of each scene's objects (the part each scene drew from)."""
+    parts: dict[str, np.ndarray] = {}
+    out = []
+    for scene in scenes:
+        part = scene["fmnist_part"]
+        if part not in parts:
+            parts[part] = _load_fashion_mnist(part)[0]
+        out.append([parts[part][o["fmnist_index"]] for o in scene["objects"]])
+    return out
+
+
 def _render(scene: dict, glyphs: Sequence[np.ndarray], size: int, rng_seed: Sequence[int]) -> Image.Image:
     """Draw a scene: background with a soft gradient and grain, then each tinted Fashion-MNIST picture."""
     rng = np.random.default_rng(list(rng_seed))
@@ -602,23 +657,10 @@ def _render(scene: dict, glyphs: Sequence[np.ndarray], size: int, rng_seed: Sequ
     ramp = np.linspace(1.15, 0.85, size, dtype=np.float32)[:, None, None]
     canvas = base[None, None, :] * ramp + rng.normal(0.0, 6.0, (size, size, 1)).astype(np.float32)
     canvas = np.broadcast_to(canvas, (size, size, 3)).copy()
-    cell = size / GRID
     for obj, glyph in zip(scene["objects"], glyphs, strict=True):
-        side = max(8, int(round(cell * _SIZE_FRACTION[obj["size"]])))
-        picture = (
-            np.asarray(
-                Image.fromarray(glyph).resize((side, side), Image.Resampling.BICUBIC), dtype=np.float32
-            )
-            / 255.0
-        )
-        picture = np.clip(picture, 0.0, 1.0)
-        free = cell - side
-        x0 = int(round(obj["col"] * cell + free / 2 + obj["jitter"][0] * free / 2))
-        y0 = int(round(obj["row"] * cell + free / 2 + obj["jitter"][1] * free / 2))
-        x0 = min(max(x0, 0), size - side)
-        y0 = min(max(y0, 0), size - side)
-        # Intensity is both the mask (alpha) and the shading, so fabric texture stays visible.
-        alpha = np.clip(picture * 3.0, 0.0, 1.0)[..., None]
+        x0, y0, side = _placement(obj, size)
+        picture = _glyph_picture(glyph, side)
+        alpha = _glyph_alpha(picture)[..., None]
         # A high floor keeps dark Fashion-MNIST pictures clearly coloured instead of near-invisible.
         shade = (0.5 + 0.5 * picture)[..., None]
         colour = np.array(COLOURS[obj["colour"]], dtype=np.float32)
@@ -775,14 +817,14 @@ def generate_spoken_scenes(
         return manifest
     # Fail before any work (or wait) when a dependency is missing.
     _check_tts()
-    with _generation_lock(out, progress):
+    with corpus_lock(out, progress):
         if _read_json(marker_path) == wanted and _all_files_exist(out, manifest):
             return manifest  # made by the process we waited for
         return _generate(out, config, workers, progress)
 
 
 @contextmanager
-def _generation_lock(out: Path, progress: bool) -> Iterator[None]:
+def corpus_lock(out: Path, progress: bool) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``out/.lock`` (waiting for another holder, with a message)."""
     try:
         import fcntl

@@ -1,7 +1,9 @@
 """Precomputed Faster R-CNN region features (FaST-VGS image input) in the BUTD/LXMERT HDF5 layout.
 
 Layout: datasets ``img_id`` ``(n,)`` (bytes or str), ``features`` ``(n, R, 2048)``, ``boxes`` ``(n, R, 4)``
-as ``x1, y1, x2, y2`` in pixels, ``objects_conf`` ``(n, R)``, and ``img_h``/``img_w`` ``(n,)``. Readers
+as ``x1, y1, x2, y2`` in pixels, ``objects_conf`` ``(n, R)``, and ``img_h``/``img_w`` ``(n,)``; optionally
+``num_boxes`` ``(n,)`` (the BUTD field), when images have fewer than ``R`` real regions and the rest of each row
+is padding. Readers
 return boxes normalised by the image size and regions sorted by decreasing confidence, as FaST-VGS feeds
 them. Files without ``img_h``/``img_w`` must already hold normalised boxes (checked: all within [0, 1]).
 
@@ -63,6 +65,11 @@ class RegionFeatureReader:
         ids = self._h5["img_id"][()]
         self._index = {(i.decode() if isinstance(i, bytes) else str(i)): n for n, i in enumerate(ids)}
         self._has_size = "img_h" in self._h5 and "img_w" in self._h5
+        self._num_boxes = np.asarray(self._h5["num_boxes"][()], dtype=np.int64) if "num_boxes" in self._h5 else None
+        if self._num_boxes is not None:
+            r = int(self._h5["features"].shape[1])
+            if self._num_boxes.shape != (len(ids),) or (self._num_boxes < 0).any() or (self._num_boxes > r).any():
+                raise InputFileError(self.path, f"num_boxes must hold one count in 0..{r} per image")
 
     def __len__(self) -> int:
         return len(self._index)
@@ -81,6 +88,9 @@ class RegionFeatureReader:
         feats = np.asarray(self._h5["features"][n], dtype=np.float32)  # [R, D]
         boxes = np.asarray(self._h5["boxes"][n], dtype=np.float32)  # [R, 4]
         conf = np.asarray(self._h5["objects_conf"][n], dtype=np.float32)  # [R]
+        if self._num_boxes is not None:  # rows past the image's count are padding, not regions
+            k = int(self._num_boxes[n])
+            feats, boxes, conf = feats[:k], boxes[:k], conf[:k]
         if self._has_size:
             h, w = float(self._h5["img_h"][n]), float(self._h5["img_w"][n])
             boxes = boxes / np.asarray([w, h, w, h], dtype=np.float32)
@@ -99,12 +109,14 @@ class RegionFeatureReader:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeatures, int, int]]) -> int:
+def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeatures, int, int]], *,
+                      max_regions: int | None = None) -> int:
     """Write ``(img_id, regions, img_h, img_w)`` items to ``path`` in the BUTD/LXMERT layout; returns the count.
 
     ``regions.boxes`` are normalised (as :class:`RegionFeatures` holds them) and are stored in pixels next to
     ``img_h``/``img_w``, the layout published files use. Every item must have the same number of regions
-    and feature size. Items are streamed into resizable datasets, so a whole corpus never sits in memory.
+    and feature size, unless ``max_regions`` is given: then each image may have 1..``max_regions`` regions,
+    rows are zero-padded to ``max_regions`` and ``num_boxes`` records each image's count. Items are streamed into resizable datasets, so a whole corpus never sits in memory.
     The file is written to a temporary name in the same folder and renamed into place only when complete:
     an interrupted run leaves no truncated file that a later reader would take for a finished one.
 
@@ -119,6 +131,8 @@ def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeature
     os.close(fd)
     tmp = Path(tmp_name)
     seen: set[str] = set()
+    if max_regions is not None and max_regions < 1:
+        raise ConfigError(f"{path}: max_regions must be >= 1, got {max_regions}")
     try:
         with h5py.File(tmp, "w") as f:
             n = 0
@@ -138,6 +152,14 @@ def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeature
                         f"{path}: image {img_id!r} has features {feats.shape}, boxes {boxes.shape}, "
                         f"confidence {conf.shape}; expected [R, D], [R, 4], [R]"
                     )
+                count = len(feats)
+                if max_regions is not None:
+                    if not 1 <= count <= max_regions:
+                        raise ConfigError(f"{path}: image {img_id!r} has {count} regions; expected 1..{max_regions}")
+                    pad = max_regions - count
+                    feats = np.concatenate([feats, np.zeros((pad, feats.shape[1]), feats.dtype)])
+                    boxes = np.concatenate([boxes, np.zeros((pad, 4), boxes.dtype)])
+                    conf = np.concatenate([conf, np.zeros(pad, conf.dtype)])
                 if n == 0:
                     r, d = feats.shape
                     chunk = (1, r)
@@ -147,13 +169,18 @@ def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeature
                     f.create_dataset("objects_conf", (0, r), maxshape=(None, r), dtype="f4", chunks=chunk)
                     f.create_dataset("img_h", (0,), maxshape=(None,), dtype="i4", chunks=(256,))
                     f.create_dataset("img_w", (0,), maxshape=(None,), dtype="i4", chunks=(256,))
+                    if max_regions is not None:
+                        f.create_dataset("num_boxes", (0,), maxshape=(None,), dtype="i4", chunks=(256,))
                 elif feats.shape != f["features"].shape[1:]:
                     raise ConfigError(
                         f"{path}: image {img_id!r} has features {feats.shape}, "
                         f"earlier images {tuple(f['features'].shape[1:])}"
                     )
-                for name in ("img_id", "features", "boxes", "objects_conf", "img_h", "img_w"):
+                names = ("img_id", "features", "boxes", "objects_conf", "img_h", "img_w")
+                for name in names + (("num_boxes",) if max_regions is not None else ()):
                     f[name].resize(n + 1, axis=0)
+                if max_regions is not None:
+                    f["num_boxes"][n] = count
                 f["img_id"][n] = img_id
                 f["features"][n] = feats
                 # Pixels computed in float64 so only the final store rounds.
@@ -164,6 +191,9 @@ def write_region_hdf5(path: str | Path, items: Iterable[tuple[str, RegionFeature
                 n += 1
             if n == 0:
                 raise ConfigError(f"{path}: no images to write")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a features file is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from vgskit.models.registry import (
 from vgskit.models.dual_encoder import DualEncoder, DualEncoderConfig  # noqa: E402  isort: skip
 from vgskit.models.speechclip import SpeechCLIP, SpeechCLIPConfig  # noqa: E402  isort: skip
 from vgskit.models.fast_vgs import FastVGS, FastVGSConfig  # noqa: E402  isort: skip
+from vgskit.models.vg_hubert import VGHuBERT, VGHuBERTConfig  # noqa: E402  isort: skip
 
 __all__ = [
     "DualEncoder",
@@ -25,6 +26,8 @@ __all__ = [
     "RetrievalModel",
     "SpeechCLIP",
     "SpeechCLIPConfig",
+    "VGHuBERT",
+    "VGHuBERTConfig",
     "create_model",
     "create_model_from_config",
     "get_model_class",

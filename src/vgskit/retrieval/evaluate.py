@@ -184,6 +184,10 @@ def reranked_first_hit_ranks(
     return ranks
 
 
+#: Pairs per fine-scorer call when the caller does not say (memory stays bounded whatever K and the chunk size).
+DEFAULT_RERANK_BATCH = 4096
+
+
 @torch.no_grad()
 def evaluate_retrieval(
     speech_emb: Tensor,
@@ -207,7 +211,9 @@ def evaluate_retrieval(
         chunk_size: queries per similarity block (memory is O(chunk_size x gallery)).
         reranker: fine scorer of (caption index, image index) pairs; ``None`` = coarse scores only.
         rerank_top: candidates per query handed to the reranker; recall at ``K <= rerank_top`` is exact.
-        rerank_batch_size: pairs per reranker call (``None`` = ``chunk_size * rerank_top``).
+        rerank_batch_size: pairs per reranker call (``None``: at most :data:`DEFAULT_RERANK_BATCH`). A cross
+            encoder holds activations for every pair of a call: 1,024 queries x 100 candidates at once would take
+            tens of GiB at the FaST-VGS paper's widths.
         ties: tie rule of :mod:`vgskit.metrics`.
 
     Returns:
@@ -225,7 +231,7 @@ def evaluate_retrieval(
     common: dict[str, Any] = {
         "rerank_top": rerank_top,
         "chunk_size": chunk_size,
-        "batch_size": rerank_batch_size,
+        "batch_size": rerank_batch_size if rerank_batch_size is not None else DEFAULT_RERANK_BATCH,
         "ties": ties,
     }
 

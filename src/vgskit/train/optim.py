@@ -147,8 +147,10 @@ class BertAdam(torch.optim.Optimizer):
         p -= lr * (m / (sqrt(v) + eps) + weight_decay * p)
 
     It differs from :class:`torch.optim.AdamW` in two ways that change the trajectory: there is no bias
-    correction (early updates are smaller, ``(1 - b1)`` instead of 1 at the first step), and the decay is
-    scaled by the group's current lr inside the update. The reference's own lr schedule and its
+    correction, and the decay is scaled by the group's current lr inside the update. Without bias correction
+    the early updates are *larger* than Adam's: for a steady gradient ``m / sqrt(v)`` is
+    ``(1 - b1^t) / sqrt(1 - b2^t)``, i.e. 3.2 at step 1, 6.5 at step 10, 3.2 at step 100 and 1.26 at step 1,000
+    (Adam: 1), which a warm-up keeps in check at the published learning rates. The reference's own lr schedule and its
     ``max_grad_norm`` are not part of this class: the schedule is an outside ``LambdaLR`` (``lr`` here is
     the already scheduled group lr; the ``bert_warmup_linear`` schedule reproduces the reference's), and the
     trainer clips gradients. The reference default ``eps`` is 1e-6.

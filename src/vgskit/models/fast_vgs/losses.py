@@ -17,41 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+# The function lives in vgskit.losses (VG-HuBERT shares it); re-exported here where FaST-VGS code imports it.
+from vgskit.losses import margin_infonce_loss
+
 __all__ = ["MarginInfoNCELoss", "MarginInfoNCEConfig", "margin_infonce_loss"]
-
-
-def margin_infonce_loss(
-    scores: Tensor, image_ids: Tensor | None = None, margin: float = 1.0, mask_value: float = -10000.0
-) -> Tensor:
-    """Margin InfoNCE on a square score matrix whose diagonal holds the matched pairs.
-
-    Args:
-        scores: ``[B, B]`` raw scores; row ``i`` / column ``i`` belong to the same pair. Which side is rows
-            (images or captions) does not matter: the loss is symmetric in that choice.
-        image_ids: ``[B]`` integer image id per pair, or ``None`` when every pair has its own image.
-        margin: subtracted from the diagonal before both softmaxes.
-        mask_value: added to off-diagonal entries that share an image id.
-
-    Returns:
-        The scalar ``CE(S', arange) + CE(S'^T, arange)`` with ``S' = S - margin·I`` (masked).
-    """
-    if scores.dim() != 2 or scores.shape[0] != scores.shape[1]:
-        raise ValueError(f"margin_infonce_loss needs a square [B, B] score matrix, got {tuple(scores.shape)}")
-    n = scores.shape[0]
-    eye = torch.eye(n, dtype=scores.dtype, device=scores.device)  # [B, B]
-    s = scores - margin * eye  # [B, B]
-    if image_ids is not None:
-        ids = image_ids.to(scores.device)  # [B]
-        same = (ids[:, None] == ids[None, :]) & ~torch.eye(
-            n, dtype=torch.bool, device=scores.device
-        )  # [B, B]
-        s = s + same.to(scores.dtype) * mask_value  # [B, B]
-    target = torch.arange(n, device=scores.device)  # [B]
-    return F.cross_entropy(s, target) + F.cross_entropy(s.t(), target)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,11 @@ Assembled from the family's blocks, which reproduce the reference (``jasonppy/Fa
 * **loss**: margin InfoNCE on raw dot products (no normalisation, no temperature: the model learns the scale),
   ``0.1 · coarse + 1.0 · fine``, other captions of the same image masked out of both softmaxes.
 
-Presets: ``fast_vgs`` (the paper's sizes; wav2vec2-base loads when the model is built, never at import) and
-``fast_vgs_tiny`` (small widths, 2-layer towers, for tests and smoke runs).
+Presets: ``fast_vgs`` (the paper's sizes; wav2vec2-base loads when the model is built, never at import),
+``fast_vgs_tiny`` (small widths, 2-layer towers, for tests and smoke runs) and ``fast_vgs_scenes`` (the
+``fast_vgs_scenes`` recipe's small model for the embedded corpus: no wav2vec2 weights can be downloaded there,
+so a from-scratch log-mel CNN at wav2vec2's 50 Hz frame rate stands in for the tower, see
+``FastVGSConfig.speech_frontend``).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import torch
 from torch import Tensor, nn
 
 from vgskit.contract import Batch, Embeddings, ImageInputs, SpeechInputs, StepOutput, TrainState
+from vgskit.encoders.audio_cnn import AudioCNNConfig, AudioCNNEncoder
 from vgskit.encoders.pretrained_speech import PretrainedSpeechConfig, PretrainedSpeechEncoder
 from vgskit.errors import ConfigError
+from vgskit.features import LogMelConfig
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
-from vgskit.layers import lengths_to_mask
+from vgskit.layers import lengths_to_mask, masked_mean
 from vgskit.losses import unique_images
 from vgskit.models.base import RetrievalModel
 from vgskit.models.fast_vgs.audio import ResDAVEnet, ResDAVEnetConfig
@@ -75,6 +80,12 @@ class FastVGSConfig:
 
     Attributes:
         speech: the pretrained speech tower (wav2vec2-base, CNN frozen, 8 layers, CLS before the pos. conv).
+        speech_frontend: ``"pretrained"`` (the paper: ``speech``) or ``"logmel_cnn"``: ``speech_cnn``, a
+            from-scratch :class:`~vgskit.encoders.audio_cnn.AudioCNNEncoder`, for training where no pretrained
+            tower can be had. It has no CLS token, so the tower-level summary that the CLS MLP reads is the
+            masked mean of its frames (our choice; the rest of the model is unchanged).
+        speech_cnn: the log-mel CNN of ``speech_frontend="logmel_cnn"`` (default: 40 mels at 100 Hz, one
+            stride-2 stem convolution → 50 Hz, wav2vec2's frame rate, so ResDAVEnet's 16× gives its 3.1 Hz).
         layer: sizes of every new BERT and cross layer (hidden 768, FFN 3072, dropout 0.1, init N(0, 0.02)) with
             8 attention heads, as the paper states ("All Transformer layers in our model use a hidden dimension of
             768 and 8 attention heads (except for Trm1, which uses 12)"); the reference code's argument default is
@@ -88,12 +99,20 @@ class FastVGSConfig:
         cross_layers: cross layers of the fine matcher (2 in the paper).
         region_feat_dim: detector feature width (2048 for Faster R-CNN / BUTD).
         box_dim: box coordinates per region (x1, y1, x2, y2 normalised by the image size).
+        visual_cls_std: std of the image CLS token's initial values. The reference draws it with
+            ``torch.randn`` (1.0). At 1.0 the CLS dominates the BERT layers' residual stream at initialisation, so
+            every image starts with nearly the same embedding (std across images ~1e-3 of its norm) and a model
+            trained from scratch (no pretrained tower) sits at chance for hundreds of steps; the small
+            ``fast_vgs_scenes`` preset uses the layers' own ``initializer_range`` (0.02) instead.
         margin: subtracted from the matched scores in both margin InfoNCE losses.
         coarse_weight: λc, weight of the coarse (dual-encoder) loss.
         fine_weight: λf, weight of the fine (cross-encoder) loss.
     """
 
     speech: PretrainedSpeechConfig = field(default_factory=default_speech_tower)
+    speech_frontend: str = "pretrained"
+    speech_cnn: AudioCNNConfig = field(default_factory=lambda: AudioCNNConfig(
+        stem_channels=(128,), channels=(256,), depths=(1,), strides=(1,)))
     layer: BertLayerConfig = field(default_factory=lambda: BertLayerConfig(num_heads=8))
     resdavenet_widths: tuple[int, ...] = (128, 128, 256, 512, 768)
     resdavenet_blocks: tuple[int, ...] = (2, 2, 2, 2)
@@ -103,16 +122,22 @@ class FastVGSConfig:
     cross_layers: int = 2
     region_feat_dim: int = 2048
     box_dim: int = 4
+    visual_cls_std: float = 1.0
     margin: float = 1.0
     coarse_weight: float = 0.1
     fine_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.speech = _nested(PretrainedSpeechConfig, self.speech)
+        if isinstance(self.speech_cnn, dict):
+            self.speech_cnn = AudioCNNConfig(**self.speech_cnn)
+        if self.speech_frontend not in ("pretrained", "logmel_cnn"):
+            raise ConfigError("FastVGSConfig.speech_frontend must be 'pretrained' or 'logmel_cnn', "
+                              f"got {self.speech_frontend!r}")
         self.layer = _nested(BertLayerConfig, self.layer)
         for name in ("resdavenet_widths", "resdavenet_blocks", "resdavenet_strides"):
             setattr(self, name, tuple(int(v) for v in getattr(self, name)))
-        if self.speech.cls_position == "none" or self.speech.num_cls != 1:
+        if self.speech_frontend == "pretrained" and (self.speech.cls_position == "none" or self.speech.num_cls != 1):
             raise ConfigError("FastVGSConfig.speech: FaST-VGS needs exactly one CLS token in the speech tower "
                               f"(cls_position={self.speech.cls_position!r}, num_cls={self.speech.num_cls})")
         if self.resdavenet_widths[-1] != self.layer.hidden_size:
@@ -165,8 +190,13 @@ class FastVGS(RetrievalModel):
         std = config.layer.initializer_range
 
         # Speech side: tower → ResDAVEnet → [CLS; frames] → BERT layer(s) → Linear on CLS.
-        self.speech_tower = PretrainedSpeechEncoder(config.speech)
-        self.sample_rate = self.speech_tower.preprocessing.sample_rate
+        self.speech_tower: nn.Module
+        if config.speech_frontend == "pretrained":
+            self.speech_tower = PretrainedSpeechEncoder(config.speech)
+            self.sample_rate = self.speech_tower.preprocessing.sample_rate
+        else:
+            self.speech_tower = AudioCNNEncoder(config.speech_cnn)
+            self.sample_rate = config.speech_cnn.features.sample_rate
         width = self.speech_tower.width
         self.resdavenet = ResDAVEnet(ResDAVEnetConfig(
             in_dim=width, widths=config.resdavenet_widths, blocks_per_stage=config.resdavenet_blocks,
@@ -179,8 +209,8 @@ class FastVGS(RetrievalModel):
         self.region_encoder = RegionEncoder(RegionEncoderConfig(
             feat_dim=config.region_feat_dim, box_dim=config.box_dim, hidden_size=hidden,
             dropout=config.layer.dropout, layer_norm_eps=config.layer.layer_norm_eps))
-        # N(0, 1) as the reference's ``torch.randn`` (its init_weights does not touch Parameters).
-        self.visual_cls = nn.Parameter(torch.randn(1, 1, hidden))
+        # N(0, 1) as the reference's ``torch.randn`` (its init_weights does not touch Parameters) by default.
+        self.visual_cls = nn.Parameter(torch.randn(1, 1, hidden) * config.visual_cls_std)
         self.visual_layers = nn.ModuleList(BertLayer(config.layer) for _ in range(config.visual_layers))
         self.visual_proj = _mlp(hidden, 2 * hidden, hidden)
 
@@ -219,10 +249,15 @@ class FastVGS(RetrievalModel):
         if speech.kind != "waveform":
             raise ConfigError(f"FastVGS reads waveform speech inputs, got {speech.kind}")
         out = self.speech_tower(speech.values, speech.lengths)
-        assert out.cls is not None  # the config requires one CLS token
+        if self.config.speech_frontend == "pretrained":
+            assert out.cls is not None  # the config requires one CLS token
+            summary = out.cls[:, :1]  # [B, 1, D_w]
+        else:  # no CLS in a CNN: its masked mean frame stands in
+            tower_mask = lengths_to_mask(out.lengths.to(out.last_hidden_state.device), out.last_hidden_state.shape[1])
+            summary = masked_mean(out.last_hidden_state, tower_mask)[:, None]  # [B, 1, D_w]
         frames = self.resdavenet(out.last_hidden_state)  # [B, T', D_w] -> [B, T'', H]
         valid = lengths_to_mask(self._downsampled_lengths(out.lengths).to(frames.device), frames.shape[1])  # [B, T'']
-        cls = self.audio_cls_proj(out.cls[:, :1])  # [B, 1, D_w] -> [B, 1, H]
+        cls = self.audio_cls_proj(summary)  # [B, 1, D_w] -> [B, 1, H]
         tokens = torch.cat([cls, frames], dim=1)  # [B, 1+T'', H]
         mask = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # [B, 1+T'']
         additive = additive_attention_mask(mask, tokens.dtype)  # [B, 1, 1, 1+T'']
@@ -294,5 +329,21 @@ register_model(
         audio_layers=1,
         visual_layers=2,
         cross_layers=2,
+    ),
+)(FastVGS)
+register_model(
+    "fast_vgs_scenes",
+    config=FastVGSConfig(
+        speech_frontend="logmel_cnn",
+        speech_cnn=AudioCNNConfig(features=LogMelConfig(n_mels=40), stem_channels=(96,), channels=(128,),
+                                  depths=(1,), strides=(1,)),
+        layer=BertLayerConfig(hidden_size=128, num_heads=4, ffn_dim=512),
+        resdavenet_widths=(64, 64, 96, 128, 128),
+        resdavenet_blocks=(1, 1, 1, 1),
+        audio_layers=1,
+        visual_layers=2,
+        cross_layers=2,
+        region_feat_dim=1280,
+        visual_cls_std=0.02,
     ),
 )(FastVGS)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vgskit.errors import ConfigError
+
 __all__ = [
     "ATTENTION_MASK_VALUE",
     "AttentionBlock",
@@ -411,16 +413,17 @@ def convert_reference_state_dict(module: nn.Module, params: Mapping[str, Tensor]
     """Rename reference ``state_dict`` entries to ``module``'s keys (tensors shared, not copied).
 
     Raises:
-        KeyError: the key sets differ; the message lists the missing and the unexpected reference keys.
+        ConfigError: the key sets differ; the message lists the missing and the unexpected keys (both in reference
+            names), as every FaST-VGS block loader does (:func:`vgskit.models.fast_vgs.audio.load_renamed_state_dict`).
     """
     own_to_ref = reference_key_map(module)
     expected = set(own_to_ref.values())
     missing = sorted(expected - set(params))
     unexpected = sorted(set(params) - expected)
     if missing or unexpected:
-        raise KeyError(
-            f"reference state dict does not match {type(module).__name__}: "
-            f"missing {missing}, unexpected {unexpected}"
+        raise ConfigError(
+            f"{type(module).__name__} reference state dict does not fit the module: missing {missing}, "
+            f"unexpected {unexpected} (reference names)"
         )
     return {own: params[ref] for own, ref in own_to_ref.items()}
 
