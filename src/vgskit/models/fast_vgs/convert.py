@@ -29,26 +29,30 @@ stored golden cases. Keys stored under a DataParallel ``module.`` prefix are acc
 
 from __future__ import annotations
 
-import argparse
 import copy
-import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vgskit.errors import ConfigError, VGSKitError
+from vgskit.errors import ConfigError
 from vgskit.models.fast_vgs.model import FastVGS, FastVGSConfig
 from vgskit.models.fast_vgs.transformer import reference_key_map
-from vgskit.models.stand_in_pickle import StandInUnpickler, UnpickledObject, stand_in_pickle_module
+from vgskit.models.reference_bundle import (
+    ARGS_NAME,
+    BUNDLE_NAME,
+    ConversionReport,
+    bundle_parts,
+    read_bundle_parts,
+    read_reference_args,
+    resolve_bundle,
+)
+from vgskit.models.stand_in_pickle import UnpickledObject
 
 #: The file name the reference saves its best model under, and its training arguments.
-BUNDLE_NAME = "best_bundle.pth"
-ARGS_NAME = "args.pkl"
 #: Reference-only parameters with no use in the model (see the module docstring).
 _UNUSED_DUAL = re.compile(
     r"^(audio_cls_token_proj_coarse\.|conv1_trm1_trm3\.(mask_emb$|quantizer\.|input_quantizer\.|project_q\.|"
@@ -58,34 +62,10 @@ _TOWER = "conv1_trm1_trm3."
 _TOWER_LAYER = re.compile(r"^conv1_trm1_trm3\.encoder\.layers\.(\d+)\.")
 
 
-@dataclass
-class FastVGSConversion:
+class FastVGSConversion(ConversionReport):
     """What :func:`convert_reference_bundle` did with a reference bundle; keys of the bundle are named
-    ``dual_encoder.<key>`` / ``cross_encoder.<key>``, ours by their ``state_dict`` names.
-
-    Attributes:
-        loaded: our keys filled from the bundle.
-        missing: our keys the bundle does not provide (left at their initial / pretrained value); keys whose
-            bundle tensor has another shape are listed in ``mismatched`` instead.
-        unmapped: bundle keys that belong to no part of the model.
-        mismatched: ``"<bundle key> -> <our key>: <shape> vs <shape>"`` for tensors of another size.
-        dropped: bundle keys the reference holds but does not use for retrieval (see the module docstring).
-        config_source: where the sizes came from (``"config"`` or ``"config + args.pkl"``).
-        notes: anything else worth telling (an ``args.pkl`` left unread, entries of the bundle not used).
-    """
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unmapped: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    config_source: str = "config"
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """Whether every trained tensor of the model came from the bundle and every bundle key found its place."""
-        return not (self.missing or self.unmapped or self.mismatched)
+    ``dual_encoder.<key>`` / ``cross_encoder.<key>``, ours by their ``state_dict`` names (fields: see
+    :class:`~vgskit.models.reference_bundle.ConversionReport`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,95 +73,10 @@ class FastVGSConversion:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def resolve_bundle(path: str | Path) -> tuple[Path, Path | None]:
-    """``best_bundle.pth`` and the ``args.pkl`` next to it (``None`` if absent) for a file or a run folder.
-
-    Raises:
-        VGSKitError: the path does not exist, or the folder holds no ``best_bundle.pth``.
-    """
-    p = Path(path)
-    if p.is_dir():
-        bundle = p / BUNDLE_NAME
-        if not bundle.is_file():
-            raise VGSKitError(f"checkpoint {p}: folder holds no {BUNDLE_NAME} (the reference's saved model)")
-    elif p.is_file():
-        bundle = p
-    else:
-        raise VGSKitError(f"checkpoint {p}: file not found")
-    args = bundle.parent / ARGS_NAME
-    return bundle, args if args.is_file() else None
-
-
 def read_reference_bundle(path: str | Path, *, allow_pickle: bool = False) -> dict[str, dict[str, Tensor]]:
-    """The ``dual_encoder`` and ``cross_encoder`` state dicts of a ``best_bundle.pth``.
-
-    Read with ``torch.load(weights_only=True)``, which runs no code from the file; ``allow_pickle=True``
-    unpickles it fully (only for files you trust), with stand-ins for classes that are not installed.
-    A DataParallel ``module.`` prefix is removed.
-
-    Raises:
-        VGSKitError: the file is unreadable, refused by the safe loader, or lacks either state dict.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise VGSKitError(f"checkpoint {p}: file not found")
-    try:
-        if allow_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=stand_in_pickle_module())
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if allow_pickle or not any(w in str(err) for w in ("GLOBAL", "Unsupported global", "Unsupported class")):
-            raise VGSKitError(f"checkpoint {p}: torch.load cannot read it (UnpicklingError: {err})") from None
-        raise VGSKitError(f"checkpoint {p}: holds pickled Python objects besides tensors, which the safe loader "
-                          "(torch.load(weights_only=True)) refuses; if you trust the file, pass --allow-pickle "
-                          "(allow_pickle=True)") from None
-    except Exception as err:  # a truncated or foreign file: torch raises RuntimeError, EOFError, ...
-        raise VGSKitError(f"checkpoint {p}: torch.load cannot read it ({type(err).__name__}: {err})") from None
-    return _bundle_state_dicts(obj, str(p))
-
-
-def _bundle_state_dicts(obj: Any, where: str) -> dict[str, dict[str, Tensor]]:
-    if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), Mapping) for k in ("dual_encoder",
-                                                                                          "cross_encoder")):
-        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise VGSKitError(f"checkpoint {where}: expected a FaST-VGS bundle with 'dual_encoder' and 'cross_encoder' "
-                          f"state dicts, got {keys}")
-    out: dict[str, dict[str, Tensor]] = {}
-    for part in ("dual_encoder", "cross_encoder"):
-        state: dict[str, Tensor] = {}
-        for key, value in obj[part].items():
-            if not isinstance(key, str) or not isinstance(value, Tensor):
-                raise VGSKitError(f"checkpoint {where}: {part} entry {key!r} is not a tensor")
-            state[key[len("module."):] if key.startswith("module.") else key] = value
-        out[part] = state
-    return out
-
-
-def read_reference_args(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """The training arguments pickled in a reference ``args.pkl``, as a plain dict.
-
-    Unpickling can run code, so the file is read only with ``allow_pickle=True``; classes other than
-    ``argparse.Namespace`` become inert stand-ins, so none of the reference's code is needed.
-
-    Raises:
-        VGSKitError: ``allow_pickle`` is not set, or the file is not a pickled Namespace / mapping.
-    """
-    p = Path(path)
-    if not allow_pickle:
-        raise VGSKitError(f"{p}: is a pickle (the reference's training arguments), which is read only with "
-                          "--allow-pickle (allow_pickle=True), and only for files you trust; or give the sizes with "
-                          "--config / --set")
-    try:
-        with open(p, "rb") as f:
-            obj = StandInUnpickler(f).load()
-    except Exception as err:  # OSError, UnpicklingError, EOFError, ...
-        raise VGSKitError(f"{p}: cannot be unpickled ({type(err).__name__}: {err})") from None
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise VGSKitError(f"{p}: expected a pickled argparse.Namespace, got {type(obj).__name__}")
+    """The ``dual_encoder`` and ``cross_encoder`` state dicts of a ``best_bundle.pth``
+    (:func:`~vgskit.models.reference_bundle.read_bundle_parts`: safe loading unless ``allow_pickle``)."""
+    return read_bundle_parts(path, ("dual_encoder", "cross_encoder"), "FaST-VGS", allow_pickle=allow_pickle)
 
 
 def config_from_reference_args(args: Mapping[str, Any]) -> dict[str, Any]:
@@ -381,7 +276,7 @@ def convert_reference_bundle(
     args_path: Path | None = None
     if isinstance(source, Mapping):
         where = "reference bundle"
-        bundle = _bundle_state_dicts(source, where)
+        bundle = bundle_parts(source, ("dual_encoder", "cross_encoder"), "FaST-VGS", where)
     else:
         bundle_path, args_path = resolve_bundle(source)
         where = str(bundle_path)

@@ -233,13 +233,6 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save even when keys are missing, unmapped or mis-shaped (they are listed)")
 
 
-def _print_keys(what: str, keys: Sequence[str]) -> None:
-    if keys:
-        print(f"  {what} ({len(keys)}):")
-        for key in keys:
-            print(f"    {key}")
-
-
 def run_convert(args: argparse.Namespace) -> int:
     """Convert ``args.checkpoint`` and save it to ``args.out``, with a summary of what was loaded."""
     from vgskit.experiment import check_output_path
@@ -253,15 +246,7 @@ def run_convert(args: argparse.Namespace) -> int:
     model, report = convert_reference_bundle(args.checkpoint, section, allow_pickle=args.allow_pickle,
                                              strict=not args.partial, overrides=overrides)
     out = save_pretrained(model, args.out)
-    print(f"{args.checkpoint}: {len(report.loaded)} tensor(s) loaded into {model.model_name} "
-          f"(sizes from the {report.config_source})")
-    _print_keys("not in the bundle, left at their initial value", report.missing)
-    _print_keys("bundle keys with no place in the model", report.unmapped)
-    _print_keys("bundle tensors of another shape", report.mismatched)
-    if report.dropped:
-        print(f"  reference-only tensors not used: {len(report.dropped)}")
-    for note in report.notes:
-        print(f"  note: {note}")
+    print(report.summary(str(args.checkpoint), model.model_name))
     print(out)
     return 0
 

@@ -26,20 +26,25 @@ configured ``speech.num_layers``. Keys stored under a DataParallel ``module.`` p
 
 from __future__ import annotations
 
-import argparse
 import copy
-import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vgskit.errors import ConfigError, VGSKitError
-from vgskit.models.stand_in_pickle import StandInUnpickler, stand_in_pickle_module
+from vgskit.errors import ConfigError
+from vgskit.models.reference_bundle import (
+    ARGS_NAME,
+    BUNDLE_NAME,
+    ConversionReport,
+    bundle_parts,
+    read_bundle_parts,
+    read_reference_args,
+    resolve_bundle,
+)
 from vgskit.models.vg_hubert.model import VGHuBERT, VGHuBERTConfig
 
 __all__ = [
@@ -55,8 +60,6 @@ __all__ = [
     "resolve_bundle",
 ]
 
-BUNDLE_NAME = "best_bundle.pth"
-ARGS_NAME = "args.pkl"
 _AUDIO = "audio_encoder."
 _VIT = "trm."
 _UNUSED = re.compile(
@@ -68,32 +71,9 @@ _AUDIO_LAYER = re.compile(r"^audio_encoder\.encoder\.layers\.(\d+)\.")
 RefKey = tuple[str, int | None]
 
 
-@dataclass
-class VGHuBERTConversion:
-    """What :func:`convert_reference_bundle` did with a reference bundle (bundle keys are ``dual_encoder`` keys).
-
-    Attributes:
-        loaded: our keys filled from the bundle.
-        missing: our keys the bundle does not provide (keys whose tensor has another shape are in ``mismatched``).
-        unmapped: bundle keys that belong to no part of the model.
-        mismatched: ``"<bundle key> -> <our key>: <shape> vs <shape>"`` for tensors of another size.
-        dropped: bundle keys the reference holds but retrieval does not use (see the module docstring).
-        config_source: where the sizes came from (``"config"`` or ``"config + args.pkl"``).
-        notes: anything else worth telling.
-    """
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unmapped: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    config_source: str = "config"
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """Every tensor of the model came from the bundle and every bundle key found its place."""
-        return not (self.missing or self.unmapped or self.mismatched)
+class VGHuBERTConversion(ConversionReport):
+    """What :func:`convert_reference_bundle` did with a reference bundle (bundle keys are ``dual_encoder`` keys;
+    fields: see :class:`~vgskit.models.reference_bundle.ConversionReport`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -101,77 +81,10 @@ class VGHuBERTConversion:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def resolve_bundle(path: str | Path) -> tuple[Path, Path | None]:
-    """``best_bundle.pth`` and the ``args.pkl`` next to it (``None`` if absent) for a file or a run folder."""
-    p = Path(path)
-    if p.is_dir():
-        bundle = p / BUNDLE_NAME
-        if not bundle.is_file():
-            raise VGSKitError(f"checkpoint {p}: folder holds no {BUNDLE_NAME} (the reference's saved model)")
-    elif p.is_file():
-        bundle = p
-    else:
-        raise VGSKitError(f"checkpoint {p}: file not found")
-    args = bundle.parent / ARGS_NAME
-    return bundle, args if args.is_file() else None
-
-
-def _dual_encoder_state(obj: Any, where: str) -> dict[str, Tensor]:
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("dual_encoder"), Mapping):
-        keys = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
-        raise VGSKitError(f"checkpoint {where}: expected a VG-HuBERT bundle with a 'dual_encoder' state dict, "
-                          f"got {keys}")
-    state: dict[str, Tensor] = {}
-    for key, value in obj["dual_encoder"].items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise VGSKitError(f"checkpoint {where}: dual_encoder entry {key!r} is not a tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
-
-
 def read_reference_bundle(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Tensor]:
-    """The ``dual_encoder`` state dict of a ``best_bundle.pth``.
-
-    Read with ``torch.load(weights_only=True)``, which runs no code from the file; ``allow_pickle=True`` unpickles it
-    fully (only for files you trust), with inert stand-ins for classes that are not installed.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise VGSKitError(f"checkpoint {p}: file not found")
-    try:
-        if allow_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False, pickle_module=stand_in_pickle_module())
-        else:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # Only a refused class means "pickled objects besides tensors"; anything else is not a torch file at all.
-        if allow_pickle or not any(w in str(err) for w in ("GLOBAL", "Unsupported global", "Unsupported class")):
-            raise VGSKitError(f"checkpoint {p}: torch.load cannot read it (UnpicklingError: {err})") from None
-        raise VGSKitError(f"checkpoint {p}: holds pickled Python objects besides tensors, which the safe loader "
-                          "(torch.load(weights_only=True)) refuses; if you trust the file, pass --allow-pickle "
-                          "(allow_pickle=True)") from None
-    except Exception as err:  # a truncated or foreign file: torch raises RuntimeError, EOFError, ...
-        raise VGSKitError(f"checkpoint {p}: torch.load cannot read it ({type(err).__name__}: {err})") from None
-    return _dual_encoder_state(obj, str(p))
-
-
-def read_reference_args(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """The training arguments pickled in a reference ``args.pkl``, as a plain dict (only with ``allow_pickle``)."""
-    p = Path(path)
-    if not allow_pickle:
-        raise VGSKitError(f"{p}: is a pickle (the reference's training arguments), which is read only with "
-                          "--allow-pickle (allow_pickle=True), and only for files you trust; or give the sizes with "
-                          "--config / --set")
-    try:
-        with open(p, "rb") as f:
-            obj = StandInUnpickler(f).load()
-    except Exception as err:  # OSError, UnpicklingError, EOFError, ...
-        raise VGSKitError(f"{p}: cannot be unpickled ({type(err).__name__}: {err})") from None
-    if isinstance(obj, argparse.Namespace):
-        return dict(vars(obj))
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    raise VGSKitError(f"{p}: expected a pickled argparse.Namespace, got {type(obj).__name__}")
+    """The ``dual_encoder`` state dict of a ``best_bundle.pth``
+    (:func:`~vgskit.models.reference_bundle.read_bundle_parts`: safe loading unless ``allow_pickle``)."""
+    return read_bundle_parts(path, ("dual_encoder",), "VG-HuBERT", allow_pickle=allow_pickle)["dual_encoder"]
 
 
 def config_from_reference_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -392,7 +305,7 @@ def convert_reference_bundle(
     args_path: Path | None = None
     if isinstance(source, Mapping):
         where = "reference bundle"
-        bundle = _dual_encoder_state(source, where)
+        bundle = bundle_parts(source, ("dual_encoder",), "VG-HuBERT", where)["dual_encoder"]
     else:
         bundle_path, args_path = resolve_bundle(source)
         where = str(bundle_path)
