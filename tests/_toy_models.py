@@ -156,7 +156,8 @@ class ToyTextModel(RetrievalModel):
 
     @classmethod
     def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str], *,
-                               model_name: str | None = None) -> dict[str, Any]:
+                               model_name: str | None = None,
+                               corpus_texts: Sequence[str] | None = None) -> dict[str, Any]:
         if model_name != "test_toy_text":
             raise AssertionError(f"model_name {model_name!r} not passed")
         if not train_texts:
@@ -222,7 +223,8 @@ class NoExtrasModel(ToyTextModel):
 
     @classmethod
     def adapt_config_to_corpus(cls, config: dict[str, Any], train_texts: Sequence[str], *,
-                               model_name: str | None = None) -> dict[str, Any]:
+                               model_name: str | None = None,
+                               corpus_texts: Sequence[str] | None = None) -> dict[str, Any]:
         return config  # needs no transcripts: trains on a corpus without them
 
 

@@ -61,6 +61,16 @@ def _speechclip(branches: str) -> Callable[[Towers], RetrievalModel]:
     return build
 
 
+def _cmd(t: Towers) -> RetrievalModel:
+    """Cross-Modal Denoising on the tiny parallel SpeechCLIP (no text tower: CMD has none)."""
+    from dataclasses import replace
+
+    from vgskit.models.speechclip.cmd import CMDConfig, CrossModalDenoising
+
+    base = replace(tiny_config(t, "parallel"), text=None)
+    return CrossModalDenoising(CMDConfig(**{name: getattr(base, name) for name in vars(base)}))
+
+
 def _toy_frozen(t: Towers) -> RetrievalModel:
     return create_model("test_frozen_towers", speech_tower=str(t.hubert))
 
@@ -143,6 +153,17 @@ def _sg_mim(name: str) -> Callable[[Towers], RetrievalModel]:
     return build
 
 
+#: Random-weight towers by architecture (the *_scenes presets' kind), at test sizes: no folder is written.
+_SCENES_SPEECH = {"architecture": {"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 3,
+                                   "num_attention_heads": 2, "intermediate_size": 32, "conv_dim": [8] * 7,
+                                   "num_conv_pos_embeddings": 8, "num_conv_pos_embedding_groups": 2,
+                                   # Dropout off: six steps on one batch must lower the loss.
+                                   "hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+                                   "feat_proj_dropout": 0.0, "layerdrop": 0.0}}
+_SCENES_IMAGE = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 24, "num_hidden_layers": 1,
+                 "num_attention_heads": 2, "intermediate_size": 48}
+
+
 TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
     "fast_vgs": _fast_vgs,
     "fast_vgs_tiny": _fast_vgs,
@@ -152,11 +173,17 @@ TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
         "fast_vgs_scenes", region_feat_dim=6, resdavenet_widths=(16, 16, 16, 32, 32),
         speech_cnn={"stem_channels": (32,), "channels": (32,), "depths": (1,), "strides": (1,)},
         layer={"hidden_size": 32, "num_heads": 2, "ffn_dim": 64, "dropout": 0.0, "attention_dropout": 0.0}),
+    "cmd_large": _cmd,
     "dual_encoder": lambda t: create_model("dual_encoder"),
     "dual_encoder_tiny": lambda t: create_model("dual_encoder_tiny"),
     **{f"speechclip_{b}_{s}": _speechclip(b) for b in ("parallel", "cascaded") for s in ("base", "large")},
     **{name: _vg_hubert(name) for name in ("vg_hubert", "vg_hubert_m", "vg_hubert_tiny")},
     **{name: _sg_mim(name) for name in ("sg_mim", "sg_mim_tiny")},
+    "vg_hubert_scenes": lambda t: create_model("vg_hubert_scenes", speech=_SCENES_SPEECH,
+                                               image={"architecture": _SCENES_IMAGE}, embed_dim=16, segment_layer=1),
+    "sg_mim_scenes": lambda t: create_model(
+        "sg_mim_scenes", speech=_SCENES_SPEECH, image={"architecture": {**_SCENES_IMAGE, "model_type": "vit_mae"}},
+        embed_dim=16, segment_layer=1, decoder_dim=16, decoder_heads=2, decoder_ffn=32),
     "test_frozen_towers": _toy_frozen,
     "test_toy_text": lambda t: create_model("test_toy_text", vocabulary=("a", "red", "bag")),
     "test_no_extras": lambda t: create_model("test_no_extras"),

@@ -72,7 +72,8 @@ def test_name_prefers_the_childs_folder_then_the_builtin_recipes(tmp_path):
     other = _write(tmp_path / "sub" / "b.yaml", "base: _speechclip_flickr8k\nmodel: {name: speechclip_parallel_base}\n")
     got = load_recipe(other)
     assert got["data"]["corpus"] == "flickr8k" and got["train"]["max_steps"] == 50000
-    assert got["model"] == {"name": "speechclip_parallel_base", "vocab_from_captions": True}
+    assert got["model"] == {"name": "speechclip_parallel_base", "vocab_from_captions": True,
+                            "vocab_caption_splits": "all_splits"}
 
 
 def test_overrides_apply_after_the_merge(tmp_path):
@@ -120,7 +121,8 @@ def test_missing_or_bad_base_names_the_child_and_the_base(tmp_path):
 def test_dict_recipe_with_base(tmp_path, monkeypatch):
     d = {"base": "_speechclip_spokencoco", "model": {"name": "speechclip_cascaded_large"}, "train": {"lr": 2.0e-4}}
     got = resolve_recipe_bases(d, None)
-    assert got["model"] == {"name": "speechclip_cascaded_large", "vocab_from_captions": True}
+    assert got["model"] == {"name": "speechclip_cascaded_large", "vocab_from_captions": True,
+                            "vocab_caption_splits": "all_splits"}
     assert got["data"]["corpus"] == "spokencoco"
     assert got["train"]["lr"] == 2.0e-4 and got["train"]["warmup_steps"] == 5000
     assert d["base"] == "_speechclip_spokencoco"  # the input is not modified

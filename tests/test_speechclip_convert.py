@@ -317,3 +317,147 @@ def test_convert_cli(command, source, towers, order, tmp_path, capsys) -> None:
                  "--set", "parallel.ffn_dim=32", "--out", str(tmp_path / "bad")]) == 2
     assert "do not fit the configured sizes" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every key a released checkpoint holds
+# ---------------------------------------------------------------------------------------------------------
+
+# The state dict of the reference LightningModule ``KWClip_GeneralTransformer`` (avssl/model/kwClip.py) with both
+# branches, listed by the module that registers each entry. Trained parts and buffers are listed key by key; the
+# frozen towers by a few keys each (their full lists are the s3prl/fairseq HuBERT and OpenAI CLIP state dicts).
+RELEASED_KEYS: tuple[tuple[str, str], ...] = (
+    # KWClipBase.audio_encoder = S3prlSpeechEncoderPlus (avssl/module/speech_encoder_plus.py): the frozen s3prl
+    # HuBERT upstream under "encoder." ...
+    ("audio_encoder.encoder.model.feature_extractor.conv_layers.0.0.weight", "s3prl HuBERT (frozen)"),
+    ("audio_encoder.encoder.model.post_extract_proj.weight", "s3prl HuBERT (frozen)"),
+    ("audio_encoder.encoder.model.encoder.layers.0.self_attn.k_proj.weight", "s3prl HuBERT (frozen)"),
+    ("audio_encoder.encoder.model.layer_norm.weight", "s3prl HuBERT (frozen)"),
+    ("audio_encoder.encoder.model.mask_emb", "s3prl HuBERT (frozen)"),
+    # ... and WeightedSumLayer.weights (avssl/module/weighted_sum.py), a Parameter.
+    ("audio_encoder.weightedsum_layer.weights", "WeightedSumLayer"),
+    # KWClipBase.clip = ClipModel (avssl/module/clip_official.py), the OpenAI CLIP model as ".model".
+    ("clip.model.positional_embedding", "OpenAI CLIP (frozen)"),
+    ("clip.model.text_projection", "OpenAI CLIP (frozen)"),
+    ("clip.model.logit_scale", "OpenAI CLIP (frozen)"),
+    ("clip.model.token_embedding.weight", "OpenAI CLIP (frozen; reduced vocabulary rows)"),
+    ("clip.model.ln_final.weight", "OpenAI CLIP (frozen)"),
+    ("clip.model.transformer.resblocks.0.attn.in_proj_weight", "OpenAI CLIP (frozen)"),
+    ("clip.model.visual.conv1.weight", "OpenAI CLIP (frozen)"),
+    # KWClipBase.criterion = MaskedContrastiveLoss (avssl/module/losses.py): the log-scale Parameter (only when
+    # temperature_trainable; a fixed one is a float attribute) and three register_buffer masks over MAX_EYE = 256.
+    ("criterion.temperature", "MaskedContrastiveLoss (trainable temperature)"),
+    ("criterion.eye_mat", "MaskedContrastiveLoss buffer"),
+    ("criterion.neg_eye_mat", "MaskedContrastiveLoss buffer"),
+    ("criterion.eye_mat_fl", "MaskedContrastiveLoss buffer"),
+    # KW_CascadedBranch (kwClip.py): cls Parameter; self_att = TransformerModels.MultiheadAttentionAndNorm
+    # (avssl/module/kw_modules/TransformerModels.py); linear_proj = nn.Linear; vector_quantizer =
+    # SimpleVectorQuantizer with a fixed temperature buffer (curr_temp); bn_layer = Kw_BatchNorm
+    # (avssl/module/speechclip_c_modules/kw_bn.py, eachKw + parallel: one BatchNorm1d); and the shared ClipModel
+    # again as ".clip".
+    ("cascaded_branch.cls", "KW_CascadedBranch"),
+    ("cascaded_branch.self_att.multihead_attn_layer.in_proj_weight", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.self_att.multihead_attn_layer.in_proj_bias", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.self_att.multihead_attn_layer.out_proj.weight", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.self_att.multihead_attn_layer.out_proj.bias", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.self_att.attentionBlock_Norm.weight", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.self_att.attentionBlock_Norm.bias", "MultiheadAttentionAndNorm"),
+    ("cascaded_branch.linear_proj.weight", "KW_CascadedBranch"),
+    ("cascaded_branch.linear_proj.bias", "KW_CascadedBranch"),
+    ("cascaded_branch.vector_quantizer.curr_temp", "SimpleVectorQuantizer buffer"),
+    ("cascaded_branch.bn_layer.bn_layer.weight", "Kw_BatchNorm"),
+    ("cascaded_branch.bn_layer.bn_layer.bias", "Kw_BatchNorm"),
+    ("cascaded_branch.bn_layer.bn_layer.running_mean", "Kw_BatchNorm buffer"),
+    ("cascaded_branch.bn_layer.bn_layer.running_var", "Kw_BatchNorm buffer"),
+    ("cascaded_branch.bn_layer.bn_layer.num_batches_tracked", "Kw_BatchNorm buffer"),
+    ("cascaded_branch.clip.model.token_embedding.weight", "the shared ClipModel (frozen)"),
+    ("cascaded_branch.clip.model.positional_embedding", "the shared ClipModel (frozen)"),
+    # KW_ParallelBranch (kwClip.py): cls Parameter; self_att = TransformerModels.TransformerEncoder (an
+    # nn.TransformerEncoder as ".model" with a final norm); linear_proj = nn.Linear.
+    ("parallel_branch.cls", "KW_ParallelBranch"),
+    *((f"parallel_branch.self_att.model.layers.0.{name}", "nn.TransformerEncoderLayer") for name in (
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")),
+    ("parallel_branch.self_att.model.norm.weight", "TransformerEncoder final norm"),
+    ("parallel_branch.self_att.model.norm.bias", "TransformerEncoder final norm"),
+    ("parallel_branch.linear_proj.weight", "KW_ParallelBranch"),
+    ("parallel_branch.linear_proj.bias", "KW_ParallelBranch"),
+)
+LOSS_BUFFERS = ("criterion.eye_mat", "criterion.neg_eye_mat", "criterion.eye_mat_fl")
+
+
+def released_state_dict(source: SpeechCLIP, order: list[int], *, learnable: bool) -> dict[str, Tensor]:
+    """:func:`reference_state_dict` completed to every entry of :data:`RELEASED_KEYS` (fixed-temperature
+    checkpoints have no ``criterion.temperature``)."""
+    ref = reference_state_dict(source, order, temperature=0.05 if learnable else None)
+    eye = torch.eye(256, dtype=torch.bool)
+    ref.update({"criterion.eye_mat": eye, "criterion.neg_eye_mat": ~eye, "criterion.eye_mat_fl": eye.float()})
+    for key, origin in RELEASED_KEYS:
+        if key not in ref and "frozen" in origin:
+            ref[key] = torch.zeros(2, 2)
+    return ref
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_every_key_of_a_released_checkpoint_is_accepted(source, towers, order, learnable) -> None:
+    ref = released_state_dict(source, order, learnable=learnable)
+    expected = {k for k, _ in RELEASED_KEYS if learnable or k != "criterion.temperature"}
+    assert expected <= set(ref)
+    # Beyond the listed tower keys, the fixture holds only more keys of the frozen towers.
+    assert all(k.startswith(("clip.", "cascaded_branch.clip.", "audio_encoder.")) for k in set(ref) - expected)
+
+    model, report = convert_reference_checkpoint(ref, _section(towers, learnable_temperature=learnable))
+    # The loss's mask buffers are dropped (reported), the temperature is kept.
+    assert set(LOSS_BUFFERS) <= set(report.dropped)
+    assert not any("eye_mat" in k for k in report.loaded) and not any("eye_mat" in k for k in model.state_dict())
+    assert ("loss.logit_scale" in report.loaded) == learnable
+    if learnable:
+        assert float(model.loss.scale().detach()) == pytest.approx(20.0)
+    # Every trained entry lands in the model, and nothing else is dropped besides the towers and the masks.
+    assert set(report.dropped) == {k for k in ref if k.startswith(("clip.", "cascaded_branch.clip.", "audio_encoder."))
+                                   and k != "audio_encoder.weightedsum_layer.weights"} | set(LOSS_BUFFERS)
+    b = tiny_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_speech(b["wavs"], b["lengths"], "cascaded"),
+                                   source.encode_speech(b["wavs"], b["lengths"], "cascaded"))
+
+
+def test_unknown_loss_keys_still_fail(source, towers, order) -> None:
+    ref = released_state_dict(source, order, learnable=False)
+    with pytest.raises(ConfigError, match=r"unexpected key 'criterion\.eye_mat_2', which belongs to no module"):
+        convert_reference_checkpoint({**ref, "criterion.eye_mat_2": torch.zeros(2)}, _section(towers))
+    with pytest.raises(ConfigError, match=r"unexpected key 'mystery\.weight'"):
+        convert_reference_checkpoint({**ref, "mystery.weight": torch.zeros(2)}, _section(towers))
+
+
+def test_checkpoint_with_the_keyword_projection_mlp(source, towers, order, vocab) -> None:
+    """A pre-release cascaded-large checkpoint: the keyword projection is reference ``MLPLayers`` (Linear, ReLU,
+    Dropout, Linear) under ``cascaded_branch.linear_proj.sequential.{0,3}.*``."""
+    torch.manual_seed(12)
+    mlp_source = SpeechCLIP(tiny_config(towers, "both", parallel=PARALLEL, keyword_vocab=vocab,
+                                        cascaded={"projection_hidden_dims": [24]}))
+    perturb(mlp_source)
+    mlp_source.eval()
+    ref = reference_state_dict(mlp_source, order)
+    mlp_keys = {f"cascaded_branch.linear_proj.sequential.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")}
+    assert {k for k in ref if k.startswith("cascaded_branch.linear_proj.")} == mlp_keys
+    assert tuple(ref["cascaded_branch.linear_proj.sequential.0.weight"].shape) == (24, 32)
+    assert tuple(ref["cascaded_branch.linear_proj.sequential.3.weight"].shape) == (32, 24)
+
+    model, report = convert_reference_checkpoint(ref, _section(towers, cascaded={"projection_hidden_dims": [24]}))
+    assert {f"cascaded.proj.sequential.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")} <= set(report.loaded)
+    b = tiny_batch(3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_speech(b["wavs"], b["lengths"], "cascaded"),
+                                   mlp_source.encode_speech(b["wavs"], b["lengths"], "cascaded"))
+    # Without the option the MLP has no place; with it, a released (single Linear) checkpoint lacks the MLP.
+    with pytest.raises(ConfigError, match=r"projects the keywords with an MLP .*set cascaded\.projection_hidden_dims: "
+                                          r"\[24\]"):
+        convert_reference_checkpoint(ref, _section(towers))
+    with pytest.raises(ConfigError, match=r"projects the keywords with one Linear .*projection_hidden_dims: \[\]"):
+        convert_reference_checkpoint(reference_state_dict(source, order),
+                                     _section(towers, cascaded={"projection_hidden_dims": [24]}))
+    # A wrong hidden width is a size mismatch, named as such.
+    with pytest.raises(ConfigError, match="do not fit the configured sizes"):
+        convert_reference_checkpoint(ref, _section(towers, cascaded={"projection_hidden_dims": [16]}))

@@ -48,7 +48,8 @@ def _resolved(name: str):
 
 
 def test_every_vg_hubert_recipe_is_in_the_table() -> None:
-    assert {p.stem for p in RECIPE_DIR.glob("vg_hubert*.yaml")} == set(SETTINGS)
+    # vg_hubert_scenes (the embedded corpus, towers from scratch) is checked by the test at the end.
+    assert {p.stem for p in RECIPE_DIR.glob("vg_hubert*.yaml")} - {"vg_hubert_scenes"} == set(SETTINGS)
     assert (RECIPE_DIR / "_vg_hubert_common.yaml").is_file()
 
 
@@ -95,3 +96,24 @@ def test_every_recipe_value_names_its_source() -> None:
                 comment = line.split("#", 1)[1] if "#" in line else ""
                 assert any(s in comment for s in ("reference", "paper", "SG-MIM", "our choice", "bookkeeping",
                                                   "vgskit data prepare", "shared")), f"{path.name}: {line!r}"
+
+
+def test_the_scenes_recipes_differ_by_the_model_only() -> None:
+    """vg_hubert_scenes and sg_mim_scenes train on the same data, batches, steps and optimiser, so that their recall
+    and word-discovery scores compare SG-MIM's change; both towers are random-weight architectures (nothing to
+    download), and no image augmentation contradicts the captions' colours and sides."""
+    vg_exp, vg_name, vg_model, vg_data, vg_train = _resolved("vg_hubert_scenes")
+    sg_exp, sg_name, sg_model, sg_data, sg_train = _resolved("sg_mim_scenes")
+    assert (vg_name, sg_name) == ("vg_hubert_scenes", "sg_mim_scenes")
+    assert vg_data == sg_data and vg_data.train_augment.kind == "none" and vg_data.train_augment.randaugment is None
+    assert vg_data.corpus_preset == "demo" and vg_data.manifest is None
+    differ = {f for f in vars(vg_train) if getattr(vg_train, f) != getattr(sg_train, f)}
+    assert differ <= {"time_budget_s"}, differ
+    assert vg_model.speech == sg_model.speech and vg_model.speech.architecture is not None
+    assert vg_model.speech.freeze_cnn is False and vg_model.speech.reinit_last == 0
+    assert vg_model.image.architecture["model_type"] == "vit" and sg_model.image.architecture["model_type"] == "vit_mae"
+    assert {k: v for k, v in vg_model.image.architecture.items() if k not in ("model_type", "mask_ratio")} == {
+        k: v for k, v in sg_model.image.architecture.items() if k not in ("model_type", "mask_ratio")}
+    # SG-MIM's own values stay the paper's, except the start epoch the short run needs.
+    assert (sg_model.mask_ratio, sg_model.mim_weight, sg_model.momentum, sg_model.margin) == (0.75, 2.0, 0.999, 0.0)
+    assert sg_model.mim_start_epoch == 1 and sg_train.max_steps == 600

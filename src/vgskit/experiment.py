@@ -362,7 +362,8 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     val_records = _check_training_data(train_cfg, data_cfg, manifest_path, train_records, dist_info.world_size)
 
     model_d = adapt_model_config(model_name, model_d, train_records, source=f"{manifest_path} "
-                                 f"(split {data_cfg.train_split!r})")
+                                 f"(split {data_cfg.train_split!r})",
+                                 corpus_records=read_manifest(manifest_path))
     # Same seed on every process: identical initial weights, and the same run twice starts identically.
     torch.manual_seed(train_cfg.seed)
     model = create_model(model_name, **model_d)
@@ -530,21 +531,24 @@ def _region_source(model: Any, data_cfg: DataConfig, manifest: str | Path,
 
 
 def adapt_model_config(model_name: str, overrides: Mapping[str, Any], records: Sequence[Record], *,
-                       source: str = "the training split") -> dict[str, Any]:
+                       source: str = "the training split",
+                       corpus_records: Sequence[Record] | None = None) -> dict[str, Any]:
     """Let the model class adapt its config to the training corpus; returns the overrides to build it with.
 
-    ``cls.adapt_config_to_corpus(config, train_texts, model_name=...)`` (see
+    ``cls.adapt_config_to_corpus(config, train_texts, model_name=..., corpus_texts=...)`` (see
     :class:`vgskit.models.base.RetrievalModel`) receives the recipe's config overrides (a copy), the
-    non-empty transcripts of ``records`` and the registry name, and returns the overrides to build the
-    model with. A hook that needs transcripts the corpus lacks should raise; the error is re-raised as a
+    non-empty transcripts of ``records`` (the training split), the registry name and the non-empty transcripts of
+    ``corpus_records`` (every split, or ``None``), and returns the overrides to build the model with. A hook that needs transcripts the corpus lacks should raise; the error is re-raised as a
     :class:`ConfigError` naming ``source`` (the manifest and split).
     """
     from vgskit.models.registry import get_model_class
 
     cls = get_model_class(model_name)
     texts = [str(r.text) for r in records if r.text]
+    corpus_texts = None if corpus_records is None else [str(r.text) for r in corpus_records if r.text]
     try:
-        adapted = cls.adapt_config_to_corpus(copy.deepcopy(dict(overrides)), texts, model_name=model_name)
+        adapted = cls.adapt_config_to_corpus(copy.deepcopy(dict(overrides)), texts, model_name=model_name,
+                                             corpus_texts=corpus_texts)
     except (VGSKitError, ValueError) as err:
         raise ConfigError(f"{source}: model {model_name!r} cannot adapt its config to the training captions "
                           f"({len(texts)} of {len(records)} have a transcript): {err}") from err

@@ -20,6 +20,22 @@ rule is available as ``ties="optimistic"``. Neither rule depends on the gallery 
 deterministic. (The reference implementations use ``topk``/``argsort``, whose order among equal scores is
 unspecified; on tie-free scores all three rules agree.)
 
+Ranking metrics (``ir_metrics=True`` in :func:`retrieval_metrics` / :func:`recall_at_k`): besides R@K each
+direction then holds ``nDCG@10``, ``mAP`` and ``MRR`` with binary relevance (relevant = the caption's image, or
+the image's captions), as fractions in [0, 1] like the IR libraries report them (R@K stays in percent). The
+ranking they score is the one the tie rule defines: within a group of equal scores the non-relevant items come
+first (``"pessimistic"``) or last (``"optimistic"``); the order among equal relevant items does not change any
+of the three. So the j-th best relevant item (j = 1, 2, ...) sits at position ``j + #(non-relevant items
+scoring >= (or >) its score)``; j = 1 is the rank above. With ``c`` relevant items at positions ``p_1 < ... <
+p_c``: ``AP = (1/c) sum_j j / p_j``, ``RR = 1 / p_1``, ``nDCG@k = sum_{p_j <= k} 1/log2(p_j + 1)`` divided by the
+same sum for positions ``1..min(c, k)``; each is averaged over the queries. speech -> image has one relevant
+image, so there ``AP = RR``. On tie-free scores these are the usual trec_eval measures (``map``,
+``recip_rank``, ``ndcg_cut_10``). Note on naming: in IR libraries *recall@K* is the fraction of a query's
+relevant items found in the top K; the R@K of this module and of the papers is what they call the *hit rate*
+or *success@K* (at least one relevant item in the top K). The two agree for speech -> image but not for
+image -> speech: mteb's ``recall_at_k`` for image -> speech is IR recall, and its ``hit_rate_at_k`` is the
+papers' R@K.
+
 Zero-shot **speech <-> text** (:func:`speech_text_retrieval`, models with a text tower): spoken captions query the
 gallery of caption *texts* (``speech_to_text``) and texts query the spoken captions (``text_to_speech``); a
 retrieved item is a hit when it is a caption of the query's image. Both sides carry image ids, so the two
@@ -27,6 +43,8 @@ sides may hold different captions and different numbers of captions per image.
 
 Memory: similarities are computed one block of ``chunk_size`` queries at a time, so the full
 ``N_captions x N_images`` matrix is never held; peak extra memory is O(chunk_size x gallery size).
+:func:`recall_at_k` (dot products) goes further and costs about one matrix product: see
+:func:`dot_product_ranks`.
 Unlike the reference code (which calls ``topk(100)``) nothing here needs a minimum number of items.
 """
 
@@ -46,10 +64,13 @@ __all__ = [
     "Ties",
     "combine_directions",
     "dot_product_blocks",
+    "dot_product_ranks",
     "first_hit_ranks",
+    "fused_block_rows",
     "format_recall_table",
     "gallery_sizes",
     "image_index_from_ids",
+    "ir_metrics_from_values",
     "metrics_from_ranks",
     "chance_recall",
     "check_block",
@@ -59,6 +80,8 @@ __all__ = [
     "ranked_above",
     "ranks_from_positive_lists",
     "ranks_given_positives",
+    "relevant_position_metrics",
+    "relevant_positions",
     "recall_at_k",
     "retrieval_metrics",
     "shared_labels",
@@ -260,6 +283,104 @@ def check_block(score_block: ScoreBlock, rows: slice, n_gallery: int) -> Tensor:
     return scores
 
 
+def relevant_positions(scores: Tensor, index: Tensor, valid: Tensor, ties: Ties = "pessimistic") -> Tensor:
+    """1-based positions of every relevant item of each row in the ranking the tie rule defines.
+
+    The j-th best relevant score ``t_j`` of a row sits at ``j + #(non-relevant items ranked ahead of t_j)``
+    (see the module docstring); column 0 is :func:`ranks_from_positive_lists`. One comparison pass over the
+    block per column, up to the largest number of relevant items of a row in the block, and no sort of the
+    gallery.
+
+    Args:
+        scores: ``[Q, G]``.
+        index, valid: ``[Q, P]`` from :func:`positive_lists` (rows of this block).
+        ties: tie rule (see the module docstring).
+
+    Returns:
+        int64 ``[Q, P]``, increasing along each row over its valid entries, and 0 where ``valid`` is False
+        (the valid entries come first).
+    """
+    check_no_nan(scores)
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    pos_scores = torch.where(valid, scores.gather(1, index), neg_inf)
+    # Padding scores -inf sort last; a relevant score of -inf equals them, so the first n_valid entries of
+    # each sorted row are that row's relevant scores whatever the padding holds.
+    thresholds = pos_scores.sort(dim=1, descending=True).values
+    n_valid = valid.sum(dim=1)
+    positions = torch.zeros(valid.shape, dtype=torch.long, device=scores.device)
+    for j in range(int(n_valid.max()) if n_valid.numel() else 0):
+        t = thresholds[:, j : j + 1]
+        n_relevant_ahead = (ranked_above(pos_scores, t, ties) & valid).sum(dim=1)
+        n_beating = count_ranked_above(scores, t, ties) - n_relevant_ahead
+        positions[:, j] = torch.where(j < n_valid, j + 1 + n_beating, torch.zeros_like(n_beating))
+    return positions
+
+
+def _per_query_ir(positions: Tensor, ndcg_k: int) -> dict[str, Tensor]:
+    """Reciprocal rank, average precision and nDCG@k per query from :func:`relevant_positions`, float64."""
+    positions = positions.cpu()
+    valid = positions > 0
+    n_rel = valid.sum(dim=1)
+    pos = torch.where(valid, positions, 1).to(torch.float64)
+    j = torch.arange(1, positions.shape[1] + 1, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    rr = torch.where(n_rel > 0, 1.0 / pos[:, 0], zero)
+    ap = torch.where(valid, j / pos, zero).sum(dim=1) / n_rel.clamp(min=1)
+    gain = torch.where(valid & (pos <= ndcg_k), 1.0 / torch.log2(pos + 1.0), zero).sum(dim=1)
+    ideal = torch.cumsum(1.0 / torch.log2(torch.arange(2, ndcg_k + 2, dtype=torch.float64)), 0)
+    best_gain = ideal[(n_rel.clamp(min=1, max=ndcg_k) - 1)]
+    ndcg = torch.where(n_rel > 0, gain / best_gain, zero)
+    return {"RR": rr, "AP": ap, "nDCG": ndcg}
+
+
+def relevant_position_metrics(
+    score_block: ScoreBlock,
+    query_labels: Tensor,
+    gallery_labels: Tensor,
+    *,
+    chunk_size: int = 1024,
+    ties: Ties = "pessimistic",
+    ndcg_k: int = 10,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """First-hit ranks and per-query ranking metrics, block by block like :func:`first_hit_ranks`.
+
+    Returns:
+        ``(ranks, values)``: int64 ``[Nq]`` first-hit ranks (0 for a query without relevant items, as in
+        :func:`first_hit_ranks`) and float64 ``[Nq]`` tensors ``values["RR"]``, ``values["AP"]`` and
+        ``values["nDCG"]`` (nDCG at ``ndcg_k``), 0 for a query without relevant items. Only one block of
+        scores and the ``[Nq]`` results are held; the positions of a block are reduced before the next one.
+    """
+    _check_ties(ties)
+    chunk_size = _check_chunk_size(chunk_size)
+    if ndcg_k < 1:
+        raise ValueError(f"ndcg_k must be >= 1, got {ndcg_k}")
+    n_queries, n_gallery = len(query_labels), len(gallery_labels)
+    index, valid = positive_lists(query_labels, gallery_labels)
+    ranks = torch.zeros(n_queries, dtype=torch.long)
+    values = {name: torch.zeros(n_queries, dtype=torch.float64) for name in ("RR", "AP", "nDCG")}
+    for start in range(0, n_queries, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_queries))
+        scores = check_block(score_block, rows, n_gallery)
+        positions = relevant_positions(scores, index[rows].to(scores.device), valid[rows].to(scores.device), ties)
+        del scores
+        ranks[rows] = positions[:, 0].cpu()
+        for name, v in _per_query_ir(positions, ndcg_k).items():
+            values[name][rows] = v
+    return ranks, values
+
+
+def ir_metrics_from_values(values: Mapping[str, Tensor], keep: Tensor, ndcg_k: int = 10) -> dict[str, float]:
+    """Mean nDCG@k, AP and RR over the queries ``keep`` selects: ``{"nDCG@k", "mAP", "MRR"}`` in [0, 1]."""
+    n = int(keep.sum())
+    if n == 0:
+        raise ValueError("no queries to evaluate")
+    return {
+        f"nDCG@{ndcg_k}": float(values["nDCG"][keep].sum()) / n,
+        "mAP": float(values["AP"][keep].sum()) / n,
+        "MRR": float(values["RR"][keep].sum()) / n,
+    }
+
+
 def metrics_from_ranks(ranks: Tensor, ks: Sequence[int] = _DEFAULT_KS) -> dict[str, Any]:
     """Recall@K (percent), mean and median rank from 1-based ranks.
 
@@ -324,6 +445,8 @@ def retrieval_metrics(
     ks: Sequence[int] = _DEFAULT_KS,
     chunk_size: int = 1024,
     ties: Ties = "pessimistic",
+    ir_metrics: bool = False,
+    ndcg_k: int = 10,
 ) -> dict[str, Any]:
     """Retrieval metrics in both directions from arbitrary block scorers.
 
@@ -336,23 +459,35 @@ def retrieval_metrics(
         ks: recall cut-offs. A K above the gallery size gives 100 % (every rank is within the gallery).
         chunk_size: queries per block.
         ties: tie rule (see the module docstring).
+        ir_metrics: also return ``"nDCG@{ndcg_k}"``, ``"mAP"`` and ``"MRR"`` per direction (fractions in
+            [0, 1], defined in the module docstring). image -> speech then costs one comparison pass per
+            caption of the image with most captions in a block, instead of one.
+        ndcg_k: cut-off of nDCG.
 
     Returns:
         ``{"speech_to_image": {...}, "image_to_speech": {...}, "mean_R@K": ...}``; each direction holds
-        ``"R@K"`` (percent), ``"mean_rank"``, ``"median_rank"`` and ``"n_queries"``.
+        ``"R@K"`` (percent), ``"mean_rank"``, ``"median_rank"`` and ``"n_queries"`` (plus the ranking
+        metrics with ``ir_metrics``; the other entries do not change).
     """
     ks = _check_ks(ks)
     caption_image = validate_caption_image(caption_image, n_images)
     image_labels = torch.arange(n_images)
-    s2i = first_hit_ranks(
-        speech_to_image_block, caption_image, image_labels, chunk_size=chunk_size, ties=ties
+    common: dict[str, Any] = {"chunk_size": chunk_size, "ties": ties}
+    if not ir_metrics:
+        s2i = first_hit_ranks(speech_to_image_block, caption_image, image_labels, **common)
+        i2s = first_hit_ranks(image_to_speech_block, image_labels, caption_image, **common)
+        # Images without captions got rank 0 ("nothing relevant"): they are not image -> speech queries.
+        i2s = i2s[i2s > 0]
+        return combine_directions(metrics_from_ranks(s2i, ks), metrics_from_ranks(i2s, ks), ks)
+    s2i, s2i_values = relevant_position_metrics(
+        speech_to_image_block, caption_image, image_labels, ndcg_k=ndcg_k, **common
     )
-    i2s = first_hit_ranks(
-        image_to_speech_block, image_labels, caption_image, chunk_size=chunk_size, ties=ties
+    i2s, i2s_values = relevant_position_metrics(
+        image_to_speech_block, image_labels, caption_image, ndcg_k=ndcg_k, **common
     )
-    # Images without captions got rank 0 ("nothing relevant"): they are not image -> speech queries.
-    i2s = i2s[i2s > 0]
-    return combine_directions(metrics_from_ranks(s2i, ks), metrics_from_ranks(i2s, ks), ks)
+    speech_to_image = metrics_from_ranks(s2i, ks) | ir_metrics_from_values(s2i_values, s2i > 0, ndcg_k)
+    image_to_speech = metrics_from_ranks(i2s[i2s > 0], ks) | ir_metrics_from_values(i2s_values, i2s > 0, ndcg_k)
+    return combine_directions(speech_to_image, image_to_speech, ks)
 
 
 def _check_embeddings(speech_emb: Tensor, image_emb: Tensor) -> None:
@@ -376,6 +511,137 @@ def dot_product_blocks(speech_emb: Tensor, image_emb: Tensor) -> tuple[ScoreBloc
     return speech_to_image, image_to_speech
 
 
+#: Bytes of one score block of :func:`dot_product_ranks`: small enough to stay in the CPU cache between the matrix
+#: product that writes it and the two counting passes that read it.
+_FUSED_BLOCK_BYTES = 4 << 20
+#: Fewest caption rows per block (below this the matrix product loses efficiency), unless ``chunk_size``
+#: asks for fewer.
+_FUSED_MIN_ROWS = 32
+#: Images per tile when the relevant scores are computed ahead of the main pass.
+_POSITIVE_TILE_IMAGES = 64
+
+
+def fused_block_rows(n_captions: int, n_images: int, element_size: int, chunk_size: int) -> int:
+    """Caption rows per score block of :func:`dot_product_ranks`: at most ``chunk_size``, blocks of equal size.
+
+    About :data:`_FUSED_BLOCK_BYTES` per block (at least :data:`_FUSED_MIN_ROWS` rows); the rows are then spread
+    evenly over the blocks, so that the last block is not a sliver (BLAS may round a product of very few rows
+    differently).
+    """
+    rows = max(1, min(chunk_size, max(_FUSED_MIN_ROWS, _FUSED_BLOCK_BYTES // max(n_images * element_size, 1))))
+    n_blocks = max(1, -(-n_captions // rows))
+    return -(-max(n_captions, 1) // n_blocks)
+
+
+def _best_positive_scores(speech_emb: Tensor, image_emb: Tensor, caption_image: Tensor) -> Tensor:
+    """Per image, the best score of its captions (-inf for an image without captions), by small tiles.
+
+    The captions of a group of images against just those images: ``n_captions x _POSITIVE_TILE_IMAGES``
+    products, a few percent of the full product. Its values are checked against the main pass.
+    """
+    n_images = len(image_emb)
+    order = torch.argsort(caption_image, stable=True)
+    ends = torch.cumsum(torch.bincount(caption_image, minlength=n_images), 0).tolist()
+    dtype = torch.result_type(speech_emb, image_emb)
+    best = torch.full((n_images,), float("-inf"), dtype=dtype, device=speech_emb.device)
+    width = min(_POSITIVE_TILE_IMAGES, n_images)
+    for a in range(0, n_images, width):
+        b = min(a + width, n_images)
+        members = order[(ends[a - 1] if a else 0) : ends[b - 1]].to(speech_emb.device)
+        if members.numel() == 0:
+            continue
+        # Every tile is `width` images wide (the last one reaches back): BLAS kernels may round a product
+        # with very few columns differently.
+        first = b - width
+        local = caption_image.to(speech_emb.device)[members] - first
+        tile = speech_emb[members] @ image_emb[first:b].T
+        best[first:b] = best[first:b].scatter_reduce(0, local, tile.gather(1, local[:, None])[:, 0], "amax")
+    return best
+
+
+@torch.no_grad()
+def dot_product_ranks(
+    speech_emb: Tensor,
+    image_emb: Tensor,
+    caption_image: Tensor,
+    *,
+    chunk_size: int = 1024,
+    ties: Ties = "pessimistic",
+) -> tuple[Tensor, Tensor]:
+    """First-hit ranks of both directions from one pass over ``speech_emb @ image_emb.T``.
+
+    The result equals :func:`first_hit_ranks` applied to the two scorers of :func:`dot_product_blocks`
+    (``speech -> image`` ranks per caption, ``image -> speech`` ranks per image, 0 for an image without
+    captions), at about the cost of one matrix product instead of two, and without sorting or top-K:
+
+    1. The best score of each image's own captions is computed first, from ``n_captions x 64`` tiles.
+    2. One pass over caption blocks ``speech_emb[rows] @ image_emb.T`` (cache-sized, see
+       :func:`fused_block_rows`): per row, the count of images ranked ahead of the caption's image
+       (speech -> image); per column, the count of captions ranked ahead of that image's best caption
+       (image -> speech, accumulated over blocks). Each block is read by two comparisons and discarded.
+    3. The relevant captions counted in step 2 are subtracted, from the scores the blocks gave them.
+
+    Bit-identical results need the two directions to see the same scores. Here image -> speech reads the
+    transposed blocks of ``speech_emb @ image_emb.T`` where :func:`dot_product_blocks` computes
+    ``image_emb @ speech_emb.T``; the two agree exactly whenever the scores are exact (e.g. small integers),
+    and MKL's float32 products gave equal values both ways on the random data of ``tests/test_metrics_blocks.py``
+    and ``benchmarks/eval_gemm_cost.py`` (which checks the results against the two-scorer path). Step 1's values are
+    compared with the scores the main pass gives the same pairs; if a BLAS kernel rounded them differently,
+    the image -> speech counts are redone with the main pass's values (a second pass), so the ranks are always
+    those of the main pass's scores.
+
+    Memory: one ``[rows, n_images]`` block and its boolean mask, plus ``O(n_captions + n_images)``.
+    """
+    _check_embeddings(speech_emb, image_emb)
+    _check_ties(ties)
+    chunk_size = _check_chunk_size(chunk_size)
+    n_captions, n_images = len(speech_emb), len(image_emb)
+    if len(caption_image) != n_captions:
+        raise ValueError(f"caption_image has {len(caption_image)} entries for {n_captions} captions")
+    caption_image = validate_caption_image(caption_image, n_images)
+    device = speech_emb.device
+    labels = caption_image.to(device)
+    speech_block, _ = dot_product_blocks(speech_emb, image_emb)
+    rows_per_block = fused_block_rows(n_captions, n_images, speech_emb.element_size(), chunk_size)
+    best = _best_positive_scores(speech_emb, image_emb, caption_image)
+    positive = torch.empty(n_captions, dtype=best.dtype, device=device)
+    s2i = torch.empty(n_captions, dtype=torch.long, device=device)
+    ahead_of_image = torch.zeros(n_images, dtype=torch.long, device=device)
+    mask = torch.empty((rows_per_block, n_images), dtype=torch.bool, device=device)
+    # The relevant item counts itself as ranked ahead of itself under ">=" only.
+    self_count = 1 if ties == "pessimistic" else 0
+    compare = torch.ge if ties == "pessimistic" else torch.gt
+
+    def count(scores: Tensor, threshold: Tensor, dim: int) -> Tensor:
+        # A bool tensor viewed as uint8 sums straight into int32, without an int64 copy of the block.
+        out = compare(scores, threshold, out=mask[: scores.shape[0]])
+        return out.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
+
+    for start in range(0, n_captions, rows_per_block):
+        rows = slice(start, min(start + rows_per_block, n_captions))
+        scores = check_block(speech_block, rows, n_images)
+        check_no_nan(scores)
+        own = scores.gather(1, labels[rows, None])
+        positive[rows] = own[:, 0]
+        s2i[rows] = 1 + count(scores, own, 1) - self_count
+        ahead_of_image += count(scores, best[None, :], 0)
+        del scores
+
+    from_main = torch.full_like(best, float("-inf")).scatter_reduce(0, labels, positive, "amax")
+    if not torch.equal(from_main, best):
+        best = from_main
+        ahead_of_image.zero_()
+        for start in range(0, n_captions, rows_per_block):
+            rows = slice(start, min(start + rows_per_block, n_captions))
+            ahead_of_image += count(check_block(speech_block, rows, n_images), best[None, :], 0)
+    relevant_ahead = torch.zeros_like(ahead_of_image).scatter_add_(
+        0, labels, compare(positive, best[labels]).long()
+    )
+    has_caption = torch.bincount(labels, minlength=n_images) > 0
+    i2s = torch.where(has_caption, 1 + ahead_of_image - relevant_ahead, torch.zeros_like(ahead_of_image))
+    return s2i.cpu(), i2s.cpu()
+
+
 @torch.no_grad()
 def recall_at_k(
     speech_emb: Tensor,
@@ -385,22 +651,36 @@ def recall_at_k(
     chunk_size: int = 1024,
     *,
     ties: Ties = "pessimistic",
+    ir_metrics: bool = False,
+    ndcg_k: int = 10,
 ) -> dict[str, Any]:
     """Dot-product retrieval metrics in both directions (see :func:`retrieval_metrics` for the result).
+
+    Without ``ir_metrics`` the ranks come from :func:`dot_product_ranks` (one matrix product, cache-sized
+    blocks); with it, from :func:`retrieval_metrics` on :func:`dot_product_blocks`.
 
     Args:
         speech_emb: ``[n_captions, D]`` caption embeddings (normalise them first for cosine similarity).
         image_emb: ``[n_images, D]`` embeddings of the unique images.
         caption_image: int64 ``[n_captions]``, index of each caption's image in ``image_emb``.
         ks: recall cut-offs.
-        chunk_size: queries per similarity block.
+        chunk_size: queries per similarity block (an upper bound for :func:`dot_product_ranks`).
         ties: tie rule (see the module docstring).
+        ir_metrics, ndcg_k: see :func:`retrieval_metrics`.
     """
     _check_embeddings(speech_emb, image_emb)
     if len(caption_image) != len(speech_emb):
         raise ValueError(f"caption_image has {len(caption_image)} entries for {len(speech_emb)} captions")
-    s2i, i2s = dot_product_blocks(speech_emb, image_emb)
-    return retrieval_metrics(s2i, i2s, caption_image, len(image_emb), ks=ks, chunk_size=chunk_size, ties=ties)
+    if ir_metrics:
+        s2i_block, i2s_block = dot_product_blocks(speech_emb, image_emb)
+        return retrieval_metrics(s2i_block, i2s_block, caption_image, len(image_emb), ks=ks,
+                                 chunk_size=chunk_size, ties=ties, ir_metrics=True, ndcg_k=ndcg_k)
+    ks = _check_ks(ks)
+    caption_image = validate_caption_image(caption_image, len(image_emb))
+    s2i, i2s = dot_product_ranks(speech_emb, image_emb, caption_image, chunk_size=chunk_size, ties=ties)
+    # Images without captions got rank 0 ("nothing relevant"): they are not image -> speech queries.
+    i2s = i2s[i2s > 0]
+    return combine_directions(metrics_from_ranks(s2i, ks), metrics_from_ranks(i2s, ks), ks)
 
 
 def shared_labels(*id_lists: Sequence[Hashable] | Tensor) -> list[Tensor]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vgskit.errors import VGSKitError
+from vgskit.errors import ConfigError, VGSKitError
 
 #: Short names of the towers the recipes use → hub repository ids (the weights the papers start from).
 KNOWN_TOWERS: dict[str, str] = {
@@ -160,6 +161,33 @@ def load_hf_model(source: TowerSource, model_cls: Any, config: Any | None = None
         return model_cls.from_pretrained(source.name_or_path, **kwargs)
     except OSError as exc:
         raise _missing(source, "weights", exc) from exc
+
+
+def random_hf_config(architecture: Mapping[str, Any], expected_types: tuple[str, ...], where: str) -> Any:
+    """A transformers config built from ``architecture`` (its ``model_type`` plus config fields), for a tower
+    with random weights.
+
+    Towers trained from scratch (no weights to download: tests, the embedded corpus) are described in the model
+    config itself, so a checkpoint of such a model rebuilds its skeleton anywhere without a tower folder.
+    ``where`` names the config field in error messages.
+    """
+    from transformers import AutoConfig
+
+    if not isinstance(architecture, Mapping):
+        raise ConfigError(f"{where} must be a mapping of transformers config fields, got {type(architecture).__name__}")
+    fields = dict(architecture)
+    model_type = fields.pop("model_type", None)
+    if model_type not in expected_types:
+        raise ConfigError(f"{where}.model_type must be one of {expected_types}, got {model_type!r}")
+    # transformers keeps unknown keys as attributes, so a typo would silently build the default size.
+    known = AutoConfig.for_model(model_type).to_dict()
+    unknown = sorted(k for k in fields if k not in known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {model_type} config fields {unknown}")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def read_preprocessor_config(source: TowerSource) -> dict[str, Any] | None:

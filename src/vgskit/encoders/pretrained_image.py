@@ -23,7 +23,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vgskit.encoders.hub import load_hf_config, load_hf_model, read_preprocessor_config, resolve_tower
+from vgskit.encoders.hub import (
+    load_hf_config,
+    load_hf_model,
+    random_hf_config,
+    read_preprocessor_config,
+    resolve_tower,
+)
 from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 from vgskit.layers import ImageEncoderOutput
@@ -76,6 +82,10 @@ class PretrainedImageConfig:
         project: CLIP only: pooled vector in CLIP's joint space (through the visual projection).
         freeze: no gradients, eval mode kept.
         local_files_only: never use the network (``None``: follow the offline switches).
+        architecture: instead of loading ``name_or_path``, build a tower with **random weights** from these
+            transformers config fields (``model_type`` ``"vit"``, ``"vit_mae"``... plus sizes): towers trained from
+            scratch, whose checkpoints rebuild anywhere without a tower folder; ImageNet statistics at the
+            config's ``image_size``.
     """
 
     name_or_path: str = "clip-vit-b32"
@@ -83,6 +93,7 @@ class PretrainedImageConfig:
     project: bool = True
     freeze: bool = True
     local_files_only: bool | None = None
+    architecture: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.pool not in (None, "cls", "mean"):
@@ -103,8 +114,17 @@ class PretrainedImageEncoder(nn.Module):
         import transformers
 
         self.config = config
-        source = resolve_tower(config.name_or_path, local_files_only=config.local_files_only)
-        hf_config = load_hf_config(source, IMAGE_MODEL_TYPES)
+        source = None
+        if config.architecture is not None:
+            hf_config = random_hf_config(config.architecture, IMAGE_MODEL_TYPES, "PretrainedImageConfig.architecture")
+        else:
+            source = resolve_tower(config.name_or_path, local_files_only=config.local_files_only)
+            hf_config = load_hf_config(source, IMAGE_MODEL_TYPES)
+
+        def load(cls: Any, cfg: Any, **kwargs: Any) -> Any:
+            # Random weights come from the class's own initialisation (transformers' _init_weights).
+            return cls(cfg, **kwargs) if source is None else load_hf_model(source, cls, cfg, **kwargs)
+
         self.family = hf_config.model_type
         if self.family in ("clip", "clip_vision_model"):
             vision_config = hf_config.vision_config if self.family == "clip" else hf_config
@@ -112,22 +132,23 @@ class PretrainedImageEncoder(nn.Module):
             # carry it, or the projection would be built (and rejected) at the default 512.
             vision_config.projection_dim = hf_config.projection_dim
             cls = transformers.CLIPVisionModelWithProjection if config.project else transformers.CLIPVisionModel
-            self.model = load_hf_model(source, cls, vision_config)
+            self.model = load(cls, vision_config)
             self.token_width = int(vision_config.hidden_size)
             self.width = int(hf_config.projection_dim) if config.project else self.token_width
             image_size = int(vision_config.image_size)
         elif self.family == "vit":
             # DINO checkpoints have no pooler: CLS after the final layernorm is their global feature.
-            self.model = load_hf_model(source, transformers.ViTModel, hf_config, add_pooling_layer=False)
+            self.model = load(transformers.ViTModel, hf_config, add_pooling_layer=False)
             self.token_width = self.width = int(hf_config.hidden_size)
             image_size = int(hf_config.image_size)
         else:
             hf_config.mask_ratio = 0.0  # feature extraction sees every patch
-            self.model = load_hf_model(source, transformers.ViTMAEModel, hf_config)
+            self.model = load(transformers.ViTMAEModel, hf_config)
             self.token_width = self.width = int(hf_config.hidden_size)
             image_size = int(hf_config.image_size)
         self.pool = config.pool or ("mean" if self.family == "vit_mae" else "cls")
-        self.transform = image_transform_from_preprocessor(read_preprocessor_config(source), image_size)
+        preprocessor = read_preprocessor_config(source) if source is not None else None
+        self.transform = image_transform_from_preprocessor(preprocessor, image_size)
         if config.freeze:
             for p in self.parameters():
                 p.requires_grad_(False)

@@ -28,7 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgskit.encoders.hub import load_hf_config, load_hf_model, read_preprocessor_config, resolve_tower
+from vgskit.encoders.hub import (
+    load_hf_config,
+    load_hf_model,
+    random_hf_config,
+    read_preprocessor_config,
+    resolve_tower,
+)
 from vgskit.errors import ConfigError
 from vgskit.layers import SpeechEncoderOutput, lengths_to_mask
 
@@ -77,6 +83,10 @@ class PretrainedSpeechConfig:
         normalize_waveform: per-utterance normalisation; ``None`` takes it from the tower's preprocessing.
         exact_padding: run group-norm CNNs per utterance (see module docstring).
         local_files_only: never use the network (``None``: follow ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``).
+        architecture: instead of loading ``name_or_path``, build a tower with **random weights** from these
+            transformers config fields (``model_type`` ``"hubert"`` or ``"wav2vec2"`` plus sizes): towers trained
+            from scratch, whose checkpoints then rebuild anywhere without a tower folder. 16 kHz input;
+            waveforms normalised for layer-norm CNNs unless ``normalize_waveform`` says otherwise.
     """
 
     name_or_path: str = "hubert-base"
@@ -89,6 +99,7 @@ class PretrainedSpeechConfig:
     normalize_waveform: bool | None = None
     exact_padding: bool = True
     local_files_only: bool | None = None
+    architecture: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.cls_position not in ("none", "before_pos_conv", "after_pos_conv"):
@@ -163,11 +174,17 @@ class PretrainedSpeechEncoder(nn.Module):
         from transformers import AutoModel
 
         self.config = config
-        source = resolve_tower(config.name_or_path, local_files_only=config.local_files_only)
-        hf_config = load_hf_config(source, SPEECH_MODEL_TYPES)
-        self.model = load_hf_model(source, AutoModel, hf_config)
+        if config.architecture is not None:
+            hf_config = random_hf_config(config.architecture, SPEECH_MODEL_TYPES, "PretrainedSpeechConfig.architecture")
+            self.model = AutoModel.from_config(hf_config)
+            preprocessor = None
+        else:
+            source = resolve_tower(config.name_or_path, local_files_only=config.local_files_only)
+            hf_config = load_hf_config(source, SPEECH_MODEL_TYPES)
+            self.model = load_hf_model(source, AutoModel, hf_config)
+            preprocessor = read_preprocessor_config(source)
         self.hf_config = hf_config
-        pre = SpeechPreprocessing.from_preprocessor_config(read_preprocessor_config(source), hf_config)
+        pre = SpeechPreprocessing.from_preprocessor_config(preprocessor, hf_config)
         if config.normalize_waveform is not None:
             pre = SpeechPreprocessing(pre.sample_rate, config.normalize_waveform)
         self.preprocessing = pre

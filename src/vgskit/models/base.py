@@ -172,7 +172,8 @@ class RetrievalModel(nn.Module):
 
     @classmethod
     def adapt_config_to_corpus(
-        cls, config: dict[str, Any], train_texts: Sequence[str], *, model_name: str | None = None
+        cls, config: dict[str, Any], train_texts: Sequence[str], *, model_name: str | None = None,
+        corpus_texts: Sequence[str] | None = None,
     ) -> dict[str, Any]:
         """Complete a config (registry overrides, as in a recipe's ``model`` section) from the training data.
 
@@ -180,6 +181,9 @@ class RetrievalModel(nn.Module):
             config: config overrides; a ``"name"`` key, if present, is the registry name (kept as is).
             train_texts: transcripts of the training captions (only models that need them read them).
             model_name: registry name the overrides apply to (its preset supplies the other values).
+            corpus_texts: transcripts of every caption of the manifest, all splits (``None`` when the caller has
+                only the training split). Only for reproducing a reference that read them (SpeechCLIP builds its
+                keyword vocabulary from all captions); a clean protocol uses ``train_texts``.
 
         Returns:
             The overrides to build the model with. Default: ``config`` unchanged.

@@ -8,6 +8,8 @@
 * :mod:`~vgskit.models.speechclip.metrics` — the keyword hit rate of the cascaded branch;
 * :mod:`~vgskit.models.speechclip.evaluations` — the ``zero_shot_text`` and ``keyword_hit_rate``
   evaluations (``vgskit eval --zero-shot-text / --keyword-hit-rate``);
+* :mod:`~vgskit.models.speechclip.cmd` — Cross-Modal Denoising (Zhou et al., Interspeech 2024): parallel
+  SpeechCLIP trained with a training-only denoising task (``cmd_large``);
 * :mod:`~vgskit.models.speechclip.commands` — ``vgskit keywords``, ``vgskit layers`` and
   ``vgskit convert speechclip``.
 
@@ -17,12 +19,14 @@ parts of vgskit find them through :mod:`vgskit.models.registry` and :mod:`vgskit
 
 from vgskit.models.speechclip import commands  # noqa: F401  (registers the commands and the converter)
 from vgskit.models.speechclip.blocks import (
+    REFERENCE_LOSS_BUFFERS,
     AttentionAndNorm,
     CascadedBranch,
     CascadedBranchConfig,
     CascadedBranchOutput,
     CosineVectorQuantizer,
     KeywordBatchNorm,
+    KeywordProjection,
     ParallelBranch,
     ParallelBranchConfig,
     QuantizerOutput,
@@ -32,6 +36,14 @@ from vgskit.models.speechclip.blocks import (
     encode_keywords,
     key_padding_mask,
     speechclip_loss,
+)
+from vgskit.models.speechclip.cmd import (
+    CMDConfig,
+    CrossModalDenoising,
+    FusionConfig,
+    FusionEncoder,
+    MultiPositiveInfoNCE,
+    swap_patches,
 )
 from vgskit.models.speechclip.convert import (
     REFERENCE_TABLE_KEYS,
@@ -58,11 +70,14 @@ from vgskit.models.speechclip.metrics import keyword_hit_rate
 from vgskit.models.speechclip.model import (
     BRANCHES,
     CLIP_PAD_ID,
+    VOCAB_CAPTION_SPLITS,
     KeywordVocabulary,
+    RawLastStateSpeechEncoder,
     SpeechCLIP,
     SpeechCLIPConfig,
     build_keyword_vocabulary,
     clip_sot_eot_ids,
+    keyword_vocab_texts,
     special_token_ids,
     speechclip_preset,
 )
@@ -70,19 +85,28 @@ from vgskit.models.speechclip.model import (
 __all__ = [
     "BRANCHES",
     "CLIP_PAD_ID",
+    "CMDConfig",
     "KEYWORD_SOURCES",
+    "REFERENCE_LOSS_BUFFERS",
     "REFERENCE_TABLE_KEYS",
     "REFERENCE_TOWER_PREFIXES",
+    "VOCAB_CAPTION_SPLITS",
     "AttentionAndNorm",
     "CascadedBranch",
     "CascadedBranchConfig",
     "CascadedBranchOutput",
     "CosineVectorQuantizer",
+    "CrossModalDenoising",
+    "FusionConfig",
+    "FusionEncoder",
     "KeywordBatchNorm",
+    "KeywordProjection",
     "KeywordVocabulary",
+    "MultiPositiveInfoNCE",
     "ParallelBranch",
     "ParallelBranchConfig",
     "QuantizerOutput",
+    "RawLastStateSpeechEncoder",
     "ReferenceConversion",
     "SpeechCLIP",
     "SpeechCLIPConfig",
@@ -102,6 +126,7 @@ __all__ = [
     "key_padding_mask",
     "keyword_hit_rate",
     "keyword_transcripts",
+    "keyword_vocab_texts",
     "load_reference_checkpoint",
     "match_token_rows",
     "read_reference_checkpoint",
@@ -110,4 +135,5 @@ __all__ = [
     "special_token_ids",
     "speechclip_loss",
     "speechclip_preset",
+    "swap_patches",
 ]

@@ -10,7 +10,8 @@ What is implemented here (the numerical core, checked against the reference impl
   layer(s) + a final LayerNorm, CLS output → Linear to the CLIP width. The caller L2-normalises it.
 * :class:`CascadedBranch` (SpeechCLIP-C) up to the keyword embeddings: ``K`` CLS tokens, one
   :class:`AttentionAndNorm` block (``LayerNorm(MHA(x) + x)``, one head, no FFN), Linear to CLIP's token
-  width, :class:`KeywordBatchNorm` over all ``K × D`` values, cosine scores against the (reduced) CLIP
+  width (or, as in a pre-release cascaded-large config, the MLP :class:`KeywordProjection`),
+  :class:`KeywordBatchNorm` over all ``K × D`` values, cosine scores against the (reduced) CLIP
   vocabulary, :class:`CosineVectorQuantizer` (softmax at τ=0.1 with a hard straight-through estimator in
   training, exact one-hots at eval; pad/SOT/EOT ids masked), keyword embeddings = one-hot @ vocabulary.
   :func:`encode_keywords` places them as ``[SOT, kw_1..kw_K, EOT]`` into the frozen CLIP text tower
@@ -38,9 +39,9 @@ Paper hyperparameters (Flickr8k / SpokenCOCO; the recipes are ``vgskit/recipes/s
 frozen HuBERT base (13 states) or large (25 states, each layer-normed before the weighted sum) and CLIP
 ViT-B/32 or ViT-L/14; parallel branch 1 layer, 8 heads, FFN 3072 (base) / 4096 (large), GELU, dropout
 0.1; cascaded branch 8 keywords, 1 head; VQ temperature 0.1; reduced vocabulary (8,112 Flickr8k / 19,787
-COCO subwords); loss scale 1/0.07 fixed (base) or learnable log-scale (large); Adam lr 1e-4, weight decay
-1e-6, 5k warm-up steps, linear decay to 1e-8 at 50k steps, batch 256, fp16, gradient clipping 4;
-train-time random crop to 102,400 samples.
+COCO subwords, counted over every caption of the corpus: train, dev and test); loss scale 1/0.07 fixed
+(base) or learnable log-scale (large); Adam lr 1e-4, weight decay 1e-6, 5k warm-up steps, linear decay to
+1e-8 at 50k steps, batch 256, fp16, gradient clipping 4; train-time random crop to 102,400 samples.
 """
 
 from __future__ import annotations
@@ -305,7 +306,7 @@ def cosine_scores(queries: Tensor, vocabulary: Tensor, eps: float = 1e-8) -> Ten
 
 @dataclass
 class CascadedBranchConfig:
-    """Configuration of :class:`CascadedBranch` (defaults: SpeechCLIP-C base, Flickr8k vocabulary).
+    """Configuration of :class:`CascadedBranch` (defaults: SpeechCLIP-C base, the reference's Flickr8k vocabulary).
 
     Attributes:
         audio_dim: width of the speech frames.
@@ -320,6 +321,11 @@ class CascadedBranchConfig:
         bn_learnable: learn the keyword BatchNorm's affine parameters.
         bn_std_scale: factor on the token-embedding std used as BatchNorm weight init.
         bn_reference_init: reproduce the reference's scrambled BatchNorm init order.
+        projection_hidden_dims: hidden widths of the keyword projection; empty (the released configs): one
+            Linear ``audio_dim → text_dim``. ``(1024,)`` at large widths is the pre-release cascaded-large
+            configs' MLP ``1024 → 1024 → 768`` (:class:`KeywordProjection`), which Table 1's 6.1 M trainable
+            parameters of SpeechCLIP-C large count (the released configs give 5.0 M).
+        projection_dropout: dropout between the layers of that MLP (the reference ``MLPLayers`` default 0.1).
     """
 
     audio_dim: int = 768
@@ -334,6 +340,32 @@ class CascadedBranchConfig:
     bn_learnable: bool = True
     bn_std_scale: float = 1.0
     bn_reference_init: bool = False
+    projection_hidden_dims: tuple[int, ...] = ()
+    projection_dropout: float = 0.1
+
+
+class KeywordProjection(nn.Module):
+    """An MLP ``dims[0] → ... → dims[-1]``: Linear, then (ReLU, Dropout, Linear) per further layer.
+
+    The layout is the reference's ``MLPLayers`` (its trailing ReLU and Dropout removed), so that a checkpoint
+    holding the pre-release keyword projection (``linear_proj.sequential.{0,3}.*``) loads under the same
+    indices (``proj.sequential.{0,3}.*``).
+    """
+
+    def __init__(self, dims: Sequence[int], dropout: float = 0.1):
+        super().__init__()
+        if len(dims) < 2:
+            raise ConfigError(f"KeywordProjection needs at least an input and an output width, got {list(dims)}")
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            if i:
+                layers += [nn.ReLU(), nn.Dropout(dropout)]
+            layers.append(nn.Linear(int(d_in), int(d_out)))
+        self.sequential = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., dims[0]]`` → ``[..., dims[-1]]``."""
+        return self.sequential(x)
 
 
 @dataclass
@@ -373,7 +405,9 @@ class CascadedBranch(nn.Module):
         k, d = config.num_keywords, config.audio_dim
         self.cls = nn.Parameter(torch.randn(1, k, d))
         self.attention = AttentionAndNorm(d, config.num_heads, config.dropout, config.layer_norm_eps)
-        self.proj = nn.Linear(d, config.text_dim)
+        hidden = tuple(config.projection_hidden_dims)
+        self.proj: nn.Module = (KeywordProjection((d, *hidden, config.text_dim), config.projection_dropout) if hidden
+                                else nn.Linear(d, config.text_dim))
         self.batchnorm = KeywordBatchNorm(k, config.text_dim, learnable=config.bn_learnable)
         self.vq = CosineVectorQuantizer(config.vq_temperature)
         if token_embedding is None:
@@ -472,6 +506,10 @@ _TOP_LEVEL = {
     "cascaded_branch.": "cascaded.",
     "criterion.temperature": "loss.logit_scale",
 }
+#: Constant mask buffers that the reference loss (``MaskedContrastiveLoss``) registers: ``eye(256)`` as bool, its
+#: negation and a float copy. Every released checkpoint carries them, though they hold no trained value; ours
+#: builds its masks from the batch, so they are dropped (only ``criterion.temperature`` is a weight).
+REFERENCE_LOSS_BUFFERS = ("criterion.eye_mat", "criterion.neg_eye_mat", "criterion.eye_mat_fl")
 
 
 def _convert_branch_key(key: str) -> str | None:
@@ -497,7 +535,7 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
     ``cascaded_branch.*`` → ``cascaded.*``, ``criterion.temperature`` → ``loss.logit_scale``,
     ``*weightedsum_layer.weights`` → ``layer_sum.weights``). Frozen towers (``clip.*`` except the
     cascaded branch's reduced token embedding, ``audio_encoder.*``) are dropped: our towers load their own
-    pretrained weights. The reduced token embedding comes out as ``cascaded.token_embedding.weight``, the
+    pretrained weights. So are the loss's constant mask buffers (:data:`REFERENCE_LOSS_BUFFERS`). The reduced token embedding comes out as ``cascaded.token_embedding.weight``, the
     key of a stand-alone :class:`CascadedBranch`; the assembled model holds no such key (it reads the rows
     from its text tower), so convert a released checkpoint for it with
     :func:`vgskit.models.speechclip.convert.load_reference_checkpoint`, which checks that table instead.
@@ -512,7 +550,7 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
             if key.endswith("weightedsum_layer.weights"):
                 out["layer_sum.weights"] = value
                 continue
-            if key.startswith(("clip.", "audio_encoder.")):
+            if key.startswith(("clip.", "audio_encoder.")) or key in REFERENCE_LOSS_BUFFERS:
                 continue
             if key in _TOP_LEVEL:
                 out[_TOP_LEVEL[key]] = value
@@ -531,12 +569,14 @@ def convert_speechclip_state_dict(ref_state_dict: Mapping[str, Tensor]) -> dict[
 
 
 __all__ = [
+    "REFERENCE_LOSS_BUFFERS",
     "AttentionAndNorm",
     "CascadedBranch",
     "CascadedBranchConfig",
     "CascadedBranchOutput",
     "CosineVectorQuantizer",
     "KeywordBatchNorm",
+    "KeywordProjection",
     "ParallelBranch",
     "ParallelBranchConfig",
     "QuantizerOutput",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from vgskit.errors import ConfigError, VGSKitError
-from vgskit.models.speechclip.blocks import convert_speechclip_state_dict
+from vgskit.models.speechclip.blocks import REFERENCE_LOSS_BUFFERS, convert_speechclip_state_dict
 from vgskit.models.speechclip.model import SpeechCLIP, SpeechCLIPConfig
 from vgskit.models.stand_in_pickle import UnpickledObject, stand_in_pickle_module
 
@@ -40,7 +40,8 @@ class ReferenceConversion:
         loaded: our state-dict keys filled from the checkpoint.
         defaulted: our keys the checkpoint does not hold, kept at their configured value (a fixed loss
             temperature, the quantiser temperature, BatchNorm's batch counter).
-        dropped: reference keys of the frozen towers (``clip.*``, ``audio_encoder.*``), not used.
+        dropped: reference keys not used: the frozen towers (``clip.*``, ``audio_encoder.*``) and the loss's
+            constant mask buffers (``criterion.eye_mat``, ``criterion.neg_eye_mat``, ``criterion.eye_mat_fl``).
         keyword_vocab: CLIP token ids of the keyword table's rows, in the checkpoint's row order (``None``
             without the cascaded branch).
         keyword_vocab_source: ``"checkpoint"`` (recovered from the table's rows), ``"config"`` (the
@@ -179,6 +180,26 @@ def _defaultable(model: SpeechCLIP) -> set[str]:
     return keys
 
 
+def _check_keyword_projection(model: SpeechCLIP, converted: Mapping[str, Tensor], where: str) -> None:
+    # The keyword projection is one Linear in the released configs and an MLP in a pre-release cascaded-large
+    # one; a mismatch would otherwise surface as a list of stray keys, without the setting to change.
+    if model.cascaded is None:
+        return
+    layers = sorted((int(m.group(1)), v) for k, v in converted.items()
+                    if (m := re.fullmatch(r"cascaded\.proj\.sequential\.(\d+)\.weight", k)))
+    configured = tuple(model.config.cascaded.projection_hidden_dims)
+    if layers:
+        hidden = [int(v.shape[0]) for _, v in layers[:-1]]
+        if not configured:
+            raise ConfigError(f"checkpoint {where}: its cascaded branch projects the keywords with an MLP "
+                              f"(linear_proj.sequential.*, a pre-release configuration), the config with one Linear; "
+                              f"set cascaded.projection_hidden_dims: {hidden}")
+    elif configured and "cascaded.proj.weight" in converted:
+        raise ConfigError(f"checkpoint {where}: its cascaded branch projects the keywords with one Linear "
+                          f"(linear_proj.weight), the config with an MLP (cascaded.projection_hidden_dims: "
+                          f"{list(configured)}); set cascaded.projection_hidden_dims: []")
+
+
 def convert_reference_checkpoint(
     source: str | Path | Mapping[str, Any],
     config: SpeechCLIPConfig | str | Mapping[str, Any],
@@ -240,8 +261,8 @@ def convert_reference_checkpoint(
                           "parallel or cascaded branch (variants such as KW_CascadedBranch_Integrated or extra "
                           "projection heads are not supported)") from None
     converted.pop("cascaded.token_embedding.weight", None)
-    dropped = [k for k in state if k.startswith(REFERENCE_TOWER_PREFIXES)
-               and not k.endswith("weightedsum_layer.weights")]
+    dropped = [k for k in state if (k.startswith(REFERENCE_TOWER_PREFIXES)
+                                    and not k.endswith("weightedsum_layer.weights")) or k in REFERENCE_LOSS_BUFFERS]
 
     given = list(cfg.keyword_vocab) if cfg.keyword_vocab else None
     build = replace(cfg, vocab_from_captions=False)
@@ -270,6 +291,7 @@ def convert_reference_checkpoint(
                 model._build_cascaded(int(model.speech_tower.width))
     model.config.vocab_from_captions = cfg.vocab_from_captions
 
+    _check_keyword_projection(model, converted, where)
     ours = set(model.state_dict())
     unexpected = sorted(set(converted) - ours)
     if unexpected:

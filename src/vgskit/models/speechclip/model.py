@@ -35,11 +35,14 @@ are trained (``freeze: false``) are saved as usual.
 
 Keyword vocabulary. ``keyword_vocab`` lists the CLIP token ids keywords may be chosen from, in the
 order of the vocabulary rows (``None``: CLIP's whole vocabulary). With ``vocab_from_captions: true`` it
-is built from the training captions before the model is built (:meth:`SpeechCLIP.adapt_config_to_corpus`,
+is built from captions before the model is built (:meth:`SpeechCLIP.adapt_config_to_corpus`,
 :func:`build_keyword_vocabulary`) and stored in the config, so a saved model rebuilds without the data;
 the table itself is never saved (its rows are read from the text tower's token embedding). As in the
 reference, the vocabulary includes id 0 (the original CLIP tokenizer pads with it) and the start/end of
-text ids, and these rows are masked so a keyword can never be one of them (8,112 entries for Flickr8k).
+text ids, and these rows are masked so a keyword can never be one of them. ``vocab_caption_splits`` says
+which captions: ``"train"`` (default, a clean protocol: nothing of the evaluation splits is seen) or
+``"all_splits"`` (train + dev + test, what the reference did: its 8,112 Flickr8k and 19,787 SpokenCOCO
+subwords count every caption of the corpus, and its released checkpoints carry that vocabulary).
 
 Released reference checkpoints. :func:`vgskit.models.speechclip.convert.load_reference_checkpoint`
 (``vgskit convert speechclip``) maps the trained weights of the reference implementation's Lightning
@@ -79,6 +82,7 @@ from vgskit.models.speechclip.blocks import (
     CascadedBranchOutput,
     CosineVectorQuantizer,
     KeywordBatchNorm,
+    KeywordProjection,
     ParallelBranch,
     ParallelBranchConfig,
     QuantizerOutput,
@@ -115,8 +119,10 @@ def build_keyword_vocabulary(tokenizer: Any, texts: Iterable[str], *, batch_size
     """Sorted CLIP token ids occurring in ``texts``, plus the special ids (see :func:`special_token_ids`).
 
     The special ids are included (and masked by the model) as in the reference, whose vocabulary comes from
-    padded ``[SOT, ..., EOT, 0, 0, ...]`` token sequences: Flickr8k's training captions give 8,112 ids.
-    Captions are not truncated to CLIP's 77 positions: every subword that is spoken may be a keyword.
+    padded ``[SOT, ..., EOT, 0, 0, ...]`` token sequences. Which captions go in is the caller's choice (see
+    :func:`keyword_vocab_texts`): the reference's 8,112 ids for Flickr8k come from all of its captions (train,
+    dev and test), not from the training split alone. Captions are not truncated to CLIP's 77 positions:
+    every subword that is spoken may be a keyword.
 
     Args:
         tokenizer: a transformers CLIP tokenizer (anything callable like one, with ``bos_token_id`` etc.).
@@ -139,6 +145,27 @@ def build_keyword_vocabulary(tokenizer: Any, texts: Iterable[str], *, batch_size
                 flush()
     flush()
     return sorted(ids | special_token_ids(tokenizer))
+
+
+#: Values of ``SpeechCLIPConfig.vocab_caption_splits``: the captions the keyword vocabulary is built from.
+VOCAB_CAPTION_SPLITS = ("train", "all_splits")
+
+
+def keyword_vocab_texts(records: Iterable[Any], source: str = "train", *, train_split: str = "train") -> list[str]:
+    """The transcripts a keyword vocabulary is built from: the training split's, or every split's.
+
+    ``"train"`` keeps the evaluation captions out of the model (a keyword can only be a subword heard in
+    training); ``"all_splits"`` is the reference's choice (its counts, 8,112 for Flickr8k and 19,787 for
+    SpokenCOCO, and its released checkpoints' vocabularies include the dev and test captions' subwords).
+
+    Args:
+        records: manifest records (anything with ``split`` and ``text`` attributes).
+        source: ``"train"`` or ``"all_splits"`` (see :data:`VOCAB_CAPTION_SPLITS`).
+        train_split: the split name of the training captions.
+    """
+    if source not in VOCAB_CAPTION_SPLITS:
+        raise ConfigError(f"vocab_caption_splits must be one of {VOCAB_CAPTION_SPLITS}, got {source!r}")
+    return [str(r.text) for r in records if r.text and (source == "all_splits" or r.split == train_split)]
 
 
 def clip_sot_eot_ids(text: ClipTextEncoder) -> tuple[int, int]:
@@ -186,6 +213,36 @@ class KeywordVocabulary(nn.Module):
     def rows_of(self, token_ids: Iterable[int]) -> tuple[int, ...]:
         """Sorted row indices of those ``token_ids`` that are in the vocabulary."""
         return tuple(sorted(self._row_of[int(t)] for t in set(token_ids) if int(t) in self._row_of))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speech tower variant
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _skip_module(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
+    # forward hook: the module's input replaces its output.
+    return inputs[0]
+
+
+class RawLastStateSpeechEncoder(PretrainedSpeechEncoder):
+    """A :class:`PretrainedSpeechEncoder` whose last hidden state is the last layer's raw output.
+
+    Pre-norm towers (HuBERT large: ``do_stable_layer_norm``) end with a LayerNorm that transformers applies to
+    the last hidden state; the reference sums the states of fairseq's HuBERT without it. The weights stay in
+    place (the LayerNorm is skipped during the forward only), so checkpoints and state dicts are unchanged; the
+    class name differs, so feature caches of the two variants do not mix. Post-norm towers have no such
+    final LayerNorm: they give the same states as the parent class.
+    """
+
+    def forward(self, wavs: Tensor, lengths: Tensor) -> Any:
+        if not self.stable_layer_norm:
+            return super().forward(wavs, lengths)
+        handle = self.model.encoder.layer_norm.register_forward_hook(_skip_module)
+        try:
+            return super().forward(wavs, lengths)
+        finally:
+            handle.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,8 +295,21 @@ class SpeechCLIPConfig:
             parallel one when the model has it, else the cascaded one.
         keyword_vocab: CLIP token ids keywords are chosen from (row order); ``None`` or empty: the whole
             CLIP vocabulary, unless ``vocab_from_captions`` asks for it to be built.
-        vocab_from_captions: build ``keyword_vocab`` from the training captions
-            (:meth:`SpeechCLIP.adapt_config_to_corpus`) before the model is built.
+        vocab_from_captions: build ``keyword_vocab`` from captions (:meth:`SpeechCLIP.adapt_config_to_corpus`)
+            before the model is built.
+        vocab_caption_splits: which captions ``vocab_from_captions`` reads: ``"train"`` (the training split; a
+            clean protocol) or ``"all_splits"`` (train, dev and test, as the reference did: needed to reproduce
+            its vocabulary sizes and the vocabularies of its released checkpoints).
+        raw_last_hidden_state: sum the last layer's raw output as the speech tower's last hidden state, as the
+            reference does (its fairseq HuBERT-Large states are collected before the encoder's final
+            LayerNorm). Default: the state after that LayerNorm, as transformers' ``output_hidden_states``
+            gives it. Only pre-norm towers (HuBERT large) have that final norm; for post-norm ones (HuBERT
+            base) the option changes nothing. See :class:`RawLastStateSpeechEncoder`.
+        frozen_speech_dropout: keep the frozen speech tower's dropout active while the model trains, as the
+            reference does (Lightning's train mode reaches its frozen HuBERT, so HuBERT base's dropouts, 0.1,
+            are on during training). Default: a frozen tower always runs in eval mode, so its features are
+            deterministic (and can be cached: with this option the speech tower is not offered to a feature
+            cache, which would freeze one dropout draw). Evaluation is unaffected (eval mode).
     """
 
     speech: PretrainedSpeechConfig = field(default_factory=_base_speech)
@@ -256,6 +326,9 @@ class SpeechCLIPConfig:
     retrieval_branch: Literal["parallel", "cascaded"] | None = None
     keyword_vocab: list[int] | None = None
     vocab_from_captions: bool = False
+    vocab_caption_splits: Literal["train", "all_splits"] = "train"
+    raw_last_hidden_state: bool = False
+    frozen_speech_dropout: bool = False
 
     def __post_init__(self) -> None:
         self.speech = _nested(PretrainedSpeechConfig, self.speech, "speech")
@@ -265,6 +338,11 @@ class SpeechCLIPConfig:
         self.parallel = _nested(ParallelBranchConfig, self.parallel, "parallel")
         self.cascaded = _nested(CascadedBranchConfig, self.cascaded, "cascaded")
         self.cascaded.masked_ids = tuple(int(i) for i in self.cascaded.masked_ids)
+        hidden = self.cascaded.projection_hidden_dims
+        _check(isinstance(hidden, list | tuple) and all(isinstance(h, int) and not isinstance(h, bool) and h >= 1
+                                                        for h in hidden),
+               "cascaded.projection_hidden_dims", "must be a list of widths (integers >= 1)", hidden)
+        self.cascaded.projection_hidden_dims = tuple(int(h) for h in hidden)
 
         _check(self.branches in BRANCHES, "branches", f"must be one of {BRANCHES}", self.branches)
         _check(self.text is not None or self.branches == "parallel", "text",
@@ -272,6 +350,8 @@ class SpeechCLIPConfig:
         _check(self.retrieval_branch in (None, *self.branch_names), "retrieval_branch",
                f"must be null or one of the model's branches {self.branch_names}", self.retrieval_branch)
         _check(self.init_temperature > 0, "init_temperature", "must be > 0", self.init_temperature)
+        _check(self.vocab_caption_splits in VOCAB_CAPTION_SPLITS, "vocab_caption_splits",
+               f"must be one of {VOCAB_CAPTION_SPLITS}", self.vocab_caption_splits)
         for name in ("parallel_loss_weight", "cascaded_loss_weight"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(sum(getattr(self, f"{b}_loss_weight") for b in self.branch_names) > 0,
@@ -288,6 +368,8 @@ class SpeechCLIPConfig:
         _check(0 <= c.dropout < 1, "cascaded.dropout", "must be in [0, 1)", c.dropout)
         _check(c.vq_temperature > 0, "cascaded.vq_temperature", "must be > 0", c.vq_temperature)
         _check(c.bn_std_scale > 0, "cascaded.bn_std_scale", "must be > 0", c.bn_std_scale)
+        _check(0 <= c.projection_dropout < 1, "cascaded.projection_dropout", "must be in [0, 1)",
+               c.projection_dropout)
 
         if self.keyword_vocab is not None:
             vocab = list(self.keyword_vocab) if isinstance(self.keyword_vocab, list | tuple) else None
@@ -357,7 +439,8 @@ class SpeechCLIP(RetrievalModel):
             )
         super().__init__(config)
         self.config: SpeechCLIPConfig = config
-        self.speech_tower: nn.Module = PretrainedSpeechEncoder(config.speech)
+        speech_class = RawLastStateSpeechEncoder if config.raw_last_hidden_state else PretrainedSpeechEncoder
+        self.speech_tower: nn.Module = speech_class(config.speech)
         self.image_tower: nn.Module = PretrainedImageEncoder(config.image)
         self.text_tower: ClipTextEncoder | None = ClipTextEncoder(config.text) if config.text is not None else None
         self.sample_rate = self.speech_tower.preprocessing.sample_rate
@@ -387,6 +470,19 @@ class SpeechCLIP(RetrievalModel):
             self.register_load_state_dict_pre_hook(_keep_unsaved_towers)
         else:  # torch < 2.1
             self._register_load_state_dict_pre_hook(_keep_unsaved_towers, with_module=True)
+        if self._speech_dropout():
+            self.train(self.training)  # the tower put itself in eval mode; the option keeps its dropout on
+
+    def _speech_dropout(self) -> bool:
+        return self.config.frozen_speech_dropout and self.config.speech.freeze
+
+    def train(self, mode: bool = True) -> SpeechCLIP:
+        """Switch modes; with ``frozen_speech_dropout`` the frozen speech tower trains along (dropout on)."""
+        super().train(mode)
+        if mode and self._speech_dropout():
+            # Bypass the tower's own train(), which keeps a frozen tower in eval mode.
+            nn.Module.train(self.speech_tower, True)
+        return self
 
     def _build_cascaded(self, audio_dim: int) -> None:
         config, text = self.config, self.text_tower
@@ -431,10 +527,11 @@ class SpeechCLIP(RetrievalModel):
         """``{"speech": ..., "image": ...}`` for the towers that are frozen (their outputs may be cached).
 
         A cache keeps every hidden state of the speech tower (the layer weights cover all of them) and the
-        image tower's pooled embedding: what the default :meth:`feature_cache_options` asks for.
+        image tower's pooled embedding: what the default :meth:`feature_cache_options` asks for. With
+        ``frozen_speech_dropout`` the speech tower's training outputs are random, so it is not listed.
         """
         towers: dict[str, nn.Module] = {}
-        if self.config.speech.freeze:
+        if self.config.speech.freeze and not self._speech_dropout():  # dropout: no fixed features to cache
             towers["speech"] = self.speech_tower
         if self.config.image.freeze:
             towers["image"] = self.image_tower
@@ -659,14 +756,23 @@ class SpeechCLIP(RetrievalModel):
 
     @classmethod
     def adapt_config_to_corpus(
-        cls, config: dict[str, Any], train_texts: Sequence[str], *, model_name: str | None = None
+        cls,
+        config: dict[str, Any],
+        train_texts: Sequence[str],
+        *,
+        model_name: str | None = None,
+        corpus_texts: Sequence[str] | None = None,
     ) -> dict[str, Any]:
-        """Fill ``keyword_vocab`` from the training captions when ``vocab_from_captions`` asks for it.
+        """Fill ``keyword_vocab`` from captions when ``vocab_from_captions`` asks for it.
 
         Nothing changes when ``vocab_from_captions`` is off, ``keyword_vocab`` is already given, or the model
-        has no cascaded branch. The tokenizer is the text tower's (read from its folder or hub cache; the
-        weights are not loaded). ``config`` may carry the registry ``name`` (a recipe's ``model`` section);
-        otherwise pass ``model_name``, whose preset supplies the fields ``config`` leaves out.
+        has no cascaded branch. The captions are ``train_texts`` with ``vocab_caption_splits: train`` and
+        ``corpus_texts`` (every split's transcripts, e.g. :func:`keyword_vocab_texts` of the whole manifest)
+        with ``all_splits``; the latter is refused without them rather than silently built from the training
+        split, whose vocabulary is smaller than the reference's. The tokenizer is the text tower's (read from
+        its folder or hub cache; the weights are not loaded). ``config`` may carry the registry ``name`` (a
+        recipe's ``model`` section); otherwise pass ``model_name``, whose preset supplies the fields ``config``
+        leaves out.
         """
         from vgskit.models.registry import merge_config, model_config
 
@@ -679,10 +785,20 @@ class SpeechCLIP(RetrievalModel):
         if not merged.vocab_from_captions or merged.keyword_vocab or "cascaded" not in merged.branch_names:
             return config
         assert merged.text is not None  # the cascaded branch needs it (checked by the config)
-        texts = [t for t in train_texts if t]
+        if merged.vocab_caption_splits == "all_splits":
+            if corpus_texts is None:
+                raise ConfigError(
+                    "SpeechCLIPConfig.vocab_caption_splits: 'all_splits' builds the keyword vocabulary from the "
+                    "captions of every split, which were not passed (corpus_texts); set vocab_caption_splits to "
+                    "'train', or give keyword_vocab (build_keyword_vocabulary(tokenizer, "
+                    "keyword_vocab_texts(read_manifest(MANIFEST), 'all_splits')))"
+                )
+            texts, which = [t for t in corpus_texts if t], "the corpus's captions"
+        else:
+            texts, which = [t for t in train_texts if t], "the training captions"
         if not texts:
             raise ConfigError(
-                "SpeechCLIPConfig.vocab_from_captions: the training captions have no transcripts; give "
+                f"SpeechCLIPConfig.vocab_from_captions: {which} have no transcripts; give "
                 "keyword_vocab or set vocab_from_captions to false (the whole CLIP vocabulary)"
             )
         tokenizer = load_clip_tokenizer(merged.text)
@@ -737,16 +853,19 @@ for _size in ("base", "large"):
 __all__ = [
     "BRANCHES",
     "CLIP_PAD_ID",
+    "VOCAB_CAPTION_SPLITS",
     "AttentionAndNorm",
     "CascadedBranch",
     "CascadedBranchConfig",
     "CascadedBranchOutput",
     "CosineVectorQuantizer",
     "KeywordBatchNorm",
+    "KeywordProjection",
     "KeywordVocabulary",
     "ParallelBranch",
     "ParallelBranchConfig",
     "QuantizerOutput",
+    "RawLastStateSpeechEncoder",
     "SpeechCLIP",
     "SpeechCLIPConfig",
     "SpeechClipWarmupDecay",
@@ -756,6 +875,7 @@ __all__ = [
     "cosine_scores",
     "encode_keywords",
     "key_padding_mask",
+    "keyword_vocab_texts",
     "special_token_ids",
     "speechclip_loss",
     "speechclip_preset",

@@ -1,17 +1,22 @@
 """VG-HuBERT (Peng & Harwath, Interspeech 2022): visually grounded HuBERT whose CLS attention discovers words.
 
 * :mod:`~vgskit.models.vg_hubert.model` — :class:`VGHuBERT`, registered as ``vg_hubert`` (the reference),
-  ``vg_hubert_m`` (SG-MIM's VG-HuBERT (M)) and ``vg_hubert_tiny``; its per-head CLS attention and segments;
+  ``vg_hubert_m`` (SG-MIM's VG-HuBERT (M)), ``vg_hubert_tiny`` and ``vg_hubert_scenes``; its per-head CLS attention and segments;
 * :mod:`~vgskit.models.vg_hubert.sgmim` — :class:`SGMIM` (Woo et al., ICASSP 2024), VG-HuBERT (M) with a
-  speech-guided masked-image-modelling branch, registered as ``sg_mim`` and ``sg_mim_tiny``;
+  speech-guided masked-image-modelling branch, registered as ``sg_mim``, ``sg_mim_tiny`` and ``sg_mim_scenes``;
 * :mod:`~vgskit.models.vg_hubert.wordseg` — the CLS-attention word segmentation of the reference code;
 * :mod:`~vgskit.models.vg_hubert.convert` — released ``best_bundle.pth`` → :class:`VGHuBERT`;
-* :mod:`~vgskit.models.vg_hubert.commands` — ``vgskit segment`` and ``vgskit convert vg_hubert``.
+* :mod:`~vgskit.models.vg_hubert.commands` — ``vgskit segment`` and ``vgskit convert vg_hubert``;
+* :mod:`~vgskit.models.vg_hubert.evaluations` — the ``word_segmentation`` evaluation (``vgskit eval
+  --word-segmentation``): boundary and token F1 of the discovered words beside an equal-length baseline.
 
 Importing this package registers the model names and the commands (towers load only when a model is built).
 """
 
-from vgskit.models.vg_hubert import commands  # noqa: F401  (registers ``vgskit segment``, ``vgskit convert vg_hubert``)
+from vgskit.models.vg_hubert import (
+    commands,  # noqa: F401  (registers ``vgskit segment``, ``vgskit convert vg_hubert``)
+    evaluations,  # noqa: F401  (registers the ``word_segmentation`` evaluation)
+)
 from vgskit.models.vg_hubert.convert import (
     VGHuBERTConversion,
     convert_reference_bundle,

@@ -72,7 +72,13 @@ from vgskit.encoders.pretrained_speech import PretrainedSpeechOutput
 from vgskit.errors import ConfigError
 from vgskit.losses import margin_infonce_loss, unique_images
 from vgskit.models.registry import register_model
-from vgskit.models.vg_hubert.model import VGHuBERT, VGHuBERTConfig, default_speech_tower
+from vgskit.models.vg_hubert.model import (
+    SCENES_MAE,
+    VGHuBERT,
+    VGHuBERTConfig,
+    default_speech_tower,
+    scenes_speech_tower,
+)
 
 __all__ = [
     "MIM_REDUCTIONS",
@@ -474,5 +480,20 @@ register_model(
         decoder_dim=16,
         decoder_heads=2,
         decoder_ffn=32,
+    ),
+)(SGMIM)
+register_model(
+    "sg_mim_scenes",
+    config=SGMIMConfig(
+        # vg_hubert_scenes's speech tower and an MAE ViT of its image tower's sizes, random weights (see the
+        # sg_mim_scenes recipe); the paper's mean image feature, linear projections and margin-free InfoNCE.
+        speech=scenes_speech_tower(),
+        image=PretrainedImageConfig(name_or_path="", pool="mean", project=False, freeze=False,
+                                    architecture=dict(SCENES_MAE)),
+        embed_dim=256,
+        segment_layer=2,  # as vg_hubert_scenes: the third of 4 layers
+        decoder_dim=128,  # our choice: the towers' width (the paper gives none; MAE's 512 is for ViT-B's 768)
+        decoder_heads=4,
+        decoder_ffn=512,
     ),
 )(SGMIM)
