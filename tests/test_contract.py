@@ -277,6 +277,30 @@ def test_contract(name: str, towers: Towers, tiny_manifest: Path, region_file: P
     assert losses[-1] < losses[0], f"{name}: loss did not go down on a fixed batch: {losses}"
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_training_only_state_survives_a_checkpoint_and_stays_out_of_the_model(name: str, towers: Towers,
+                                                                                tmp_path: Path) -> None:
+    """``training_state()`` (e.g. CMD's fusion encoder) is restored from a training checkpoint, never collides with
+    the state dict, and never reaches the exported model."""
+    from vgskit.train.checkpoint import TRAINING_STATE, load_checkpoint, save_checkpoint
+
+    model = build_tiny(name, towers)
+    extra = model.training_state()
+    assert not set(extra) & set(model.state_dict()), f"{name}: training-only keys collide with the state dict"
+    with torch.no_grad():
+        for v in extra.values():
+            v.add_(0.5)  # trained values differ from a fresh model's
+    saved = {k: v.detach().clone() for k, v in model.training_state().items()}
+    ckpt = save_checkpoint(tmp_path / "ckpt", 1, model=model, trainer_state={"step": 1})
+    assert (ckpt / TRAINING_STATE).is_file() == bool(saved)
+    fresh = build_tiny(name, towers)
+    load_checkpoint(ckpt, model=fresh)
+    got = fresh.training_state()
+    assert sorted(got) == sorted(saved) and all(torch.equal(got[k], saved[k]) for k in saved), name
+    save_pretrained(model, tmp_path / "exported")
+    assert not (tmp_path / "exported" / TRAINING_STATE).exists()
+
+
 @pytest.mark.parametrize("name", ["dual_encoder_tiny", "speechclip_cascaded_base", "test_toy_regions",
                                   "test_toy_ema", "fast_vgs_tiny"])
 def test_resume_is_exact(name: str, towers: Towers, tiny_manifest: Path, region_file: Path,

@@ -54,11 +54,19 @@ def test_demo_writes_report_results_and_index(demo_run):
     assert [h.item_id for h in hits] == [h["item_id"] for h in queries[0]["hits"]]
 
 
-def test_demo_rerun_reuses_the_finished_run(demo_run, capsys):
+def test_demo_rerun_reuses_the_finished_run(demo_run, capsys, monkeypatch):
     before = json.loads((demo_run / "results.json").read_text())
     capsys.readouterr()
     assert main(["demo", "--preset", "tiny", "--out", str(demo_run)]) == 0
     printed = capsys.readouterr().out
+    # The demo ends with the command that serves its index; that command starts the service on it.
+    serve = re.search(r"^serve it: (vgskit serve .*)$", printed, re.M)
+    assert serve is not None
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append(app))
+    assert main(serve.group(1).split()[1:]) == 0 and len(started) == 1
     r = before["results"]["speech_to_image"]
     assert re.search(rf"speech to image\s+{r['R@1']:.1f}\s+{r['R@5']:.1f}\s+{r['R@10']:.1f}", printed)
     assert re.search(r"image to speech(\s+[\d.]+){3}", printed) and "report.html" in printed

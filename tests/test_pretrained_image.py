@@ -22,6 +22,7 @@ from transformers import (
 from vgskit.encoders.efficientnet import LITE0_TRANSFORM, EfficientNetLite0Encoder
 from vgskit.encoders.pretrained_image import PretrainedImageConfig, PretrainedImageEncoder
 from vgskit.encoders.text import ClipTextConfig, ClipTextEncoder
+from vgskit.errors import ConfigError
 
 VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
 
@@ -136,3 +137,15 @@ def test_efficientnet_lite0_real_weights_classify_sample_photos() -> None:
     assert int(probs[0].argmax()) in CAT_IDS and float(probs[0, sorted(CAT_IDS)].sum()) > 0.8
     assert int(probs[1].argmax()) in COFFEE_IDS and float(probs[1, sorted(COFFEE_IDS)].sum()) > 0.8
     assert out.tokens.shape == (2, 49, 1280) and out.pooled.shape == (2, 1280)
+
+
+def test_max_pooling_is_the_channelwise_maximum_of_the_patch_tokens(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**VIT), add_pooling_layer=False).eval().save_pretrained(tmp_path)
+    enc = PretrainedImageEncoder(PretrainedImageConfig(str(tmp_path), pool="max", project=False))
+    out = enc(_pixels())
+    by_hand = torch.stack([torch.stack([out.tokens[b, :, c].max() for c in range(out.tokens.shape[2])])
+                           for b in range(out.tokens.shape[0])])
+    assert torch.equal(out.pooled, by_hand) and not torch.equal(out.pooled, out.tokens.mean(dim=1))
+    with pytest.raises(ConfigError, match="'cls', 'mean', 'max'"):
+        PretrainedImageConfig(str(tmp_path), pool="sum")  # type: ignore[arg-type]

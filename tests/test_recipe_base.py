@@ -136,7 +136,8 @@ def test_dict_recipe_with_base(tmp_path, monkeypatch):
 
 
 def test_builtin_speechclip_recipes_resolve_to_their_previous_content():
-    """The eight paper recipes extend shared bases; fully resolved, each equals its former standalone file."""
+    """The eight paper recipes extend shared bases; fully resolved, each equals its recorded content (a change to a
+    base or a recipe shows here, and the record is updated with it)."""
     want = json.loads((GOLDEN / "recipes_resolved.json").read_text())
     assert sorted(want) == sorted(p.stem for p in BUILTIN_RECIPE_DIR.glob("speechclip_*.yaml"))
     for name, resolved in want.items():

@@ -151,3 +151,26 @@ def test_runs_through_the_generic_evaluator_with_a_real_vg_hubert(tmp_path) -> N
         direct = model.eval().segment(inputs.values, inputs.lengths, quantile=0.5)
     assert seg["model"]["token"]["n_pred"] == sum(len(s) for s in direct)
     assert seg["model"]["token"]["n_ref"] == 5
+
+
+def test_vgskit_eval_word_segmentation_on_the_command_line(tmp_path, capsys) -> None:
+    from vgskit.cli import main
+    from vgskit.data.manifest import write_manifest
+    from vgskit.models.registry import save_pretrained
+
+    hubert = {"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 32, "conv_dim": [8] * 7, "num_conv_pos_embeddings": 8,
+              "num_conv_pos_embedding_groups": 2}
+    vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 32}
+    torch.manual_seed(0)
+    save_pretrained(create_model("vg_hubert_scenes", speech={"architecture": hubert}, image={"architecture": vit},
+                                 embed_dim=8, segment_layer=1), tmp_path / "model")
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(_records(tmp_path, [{"words": WORDS}, {"words": WORDS[:2]}, {}]), manifest)
+    out = tmp_path / "r.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "model"), "--manifest", str(manifest), "--split", "test",
+                 "--word-segmentation", "--seg-tolerance-ms", "40", "--seg-quantile", "0.5", "--json", str(out)]) == 0
+    seg = json.loads(out.read_text())["word_segmentation"]
+    assert (seg["n_captions"], seg["n_skipped"], seg["tolerance_ms"], seg["quantile"]) == (2, 1, 40.0, 0.5)
+    assert "tolerance 40 ms" in capsys.readouterr().out

@@ -14,6 +14,7 @@
     vgskit index --checkpoint runs/x --manifest M --split test --out runs/x/index
     vgskit cache verify /data/features [--model NAME_OR_CHECKPOINT] [--sample 16]   # check a feature cache
     vgskit search --checkpoint runs/x --index runs/x/index query.wav [-k 5]
+    vgskit serve --checkpoint runs/x --index demo=runs/x/index [--port 8000]   # HTTP search service (extra: serve)
     vgskit layers --checkpoint runs/x --out layers.png [--json layers.json]   # hidden-state weights
     vgskit keywords --checkpoint runs/x a.wav b.flac [-k 5] [--json kw.json]  # keywords of a cascaded model
     vgskit convert speechclip released.ckpt --config speechclip_parallel_base --out models/p_base  # reference ckpt
@@ -343,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-rank the N best coarse candidates with the model's fine scorer (N >= k)")
     s.add_argument("audio", nargs="+")
     s.set_defaults(func=_cmd_search)
+
+    from vgskit.serve.command import add_serve_arguments, run_serve
+
+    sv = sub.add_parser("serve", help="spoken-query image search over HTTP (needs the 'serve' extra)")
+    add_serve_arguments(sv)
+    sv.set_defaults(func=run_serve)
 
     from vgskit.data.cache_cli import add_cache_arguments, run_cache
 

@@ -117,6 +117,8 @@ def run_demo(out_dir: str | Path = "runs/demo", *, preset: str = "demo", recipe:
         print(f"coarse-to-fine (top {rerank_top} re-ranked by the fine scorer)")
     print(format_recall_table(results, ceiling=ceil))
     print(f"report: {html_path}\nresults: {json_path}")
+    # The one command that serves this index (needs the serve extra: pip install 'vgskit[serve]').
+    print(f"serve it: vgskit serve --checkpoint {out_dir} --index demo={out_dir / 'index'}")
     return json.loads(json_path.read_text())
 
 

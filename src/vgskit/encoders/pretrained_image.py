@@ -78,7 +78,10 @@ class PretrainedImageConfig:
 
     Attributes:
         name_or_path: alias (``"clip-vit-b32"``, ``"dino-vits8"``, ``"mae-vit-b16"``...), hub id or local folder.
-        pool: ``"cls"``, ``"mean"`` (of patch tokens) or ``None`` for the family default (CLS, mean for MAE).
+        pool: ``"cls"``, ``"mean"`` or ``"max"`` (over the patch tokens, per channel) or ``None`` for the family
+            default (CLS, mean for MAE). ``"max"`` is for towers trained from scratch on small objects: a random
+            ViT's CLS (and mean) is nearly the same for every image, and contrastive training then collapses both
+            towers to constant embeddings (measured on spoken-scenes); the maximum keeps each object's patches.
         project: CLIP only: pooled vector in CLIP's joint space (through the visual projection).
         freeze: no gradients, eval mode kept.
         local_files_only: never use the network (``None``: follow the offline switches).
@@ -89,15 +92,15 @@ class PretrainedImageConfig:
     """
 
     name_or_path: str = "clip-vit-b32"
-    pool: Literal["cls", "mean"] | None = None
+    pool: Literal["cls", "mean", "max"] | None = None
     project: bool = True
     freeze: bool = True
     local_files_only: bool | None = None
     architecture: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.pool not in (None, "cls", "mean"):
-            raise ConfigError(f"PretrainedImageConfig.pool must be 'cls', 'mean' or None, got {self.pool!r}")
+        if self.pool not in (None, "cls", "mean", "max"):
+            raise ConfigError(f"PretrainedImageConfig.pool must be 'cls', 'mean', 'max' or None, got {self.pool!r}")
 
 
 class PretrainedImageEncoder(nn.Module):
@@ -173,6 +176,10 @@ class PretrainedImageEncoder(nn.Module):
             pooled = out.image_embeds if self.config.project else out.pooler_output  # [B, D']
         elif self.pool == "cls":
             pooled = seq[:, 0]  # [B, D]
+        elif self.pool == "max":
+            pooled = tokens.amax(dim=1)  # [B, D]
+            if self.family in ("clip", "clip_vision_model") and self.config.project:
+                pooled = self.model.visual_projection(self.model.vision_model.post_layernorm(pooled))
         else:
             pooled = tokens.mean(dim=1)  # [B, D]
             if self.family in ("clip", "clip_vision_model") and self.config.project:

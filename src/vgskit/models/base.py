@@ -170,6 +170,22 @@ class RetrievalModel(nn.Module):
             )
         setattr(self, attribute, module)
 
+    def training_state(self) -> dict[str, Tensor]:
+        """Tensors a training checkpoint must keep that the exported model leaves out (default: none).
+
+        A module that exists only for training and is dropped from the saved model (CMD's fusion encoder) still
+        has to survive an interrupted run: the trainer's checkpoints store these tensors in
+        ``training_state.safetensors`` and give them back with :meth:`load_training_state` on resume, while
+        ``save_pretrained`` and every model loader read ``model.safetensors`` only. Keys must not collide with
+        :meth:`state_dict`'s.
+        """
+        return {}
+
+    def load_training_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore what :meth:`training_state` returned; the default refuses tensors it does not expect."""
+        if tensors:
+            raise KeyError(f"{type(self).__name__} keeps no training-only tensors, got {sorted(tensors)[:4]}")
+
     @classmethod
     def adapt_config_to_corpus(
         cls, config: dict[str, Any], train_texts: Sequence[str], *, model_name: str | None = None,

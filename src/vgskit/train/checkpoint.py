@@ -4,6 +4,8 @@ Layout under a checkpoint root (the Trainer uses ``<out_dir>/checkpoints``)::
 
     step_1200/
         model.safetensors        model state dict (shared tensors stored once, via safetensors.save_model)
+        training_state.safetensors  tensors only training needs, which the exported model leaves out
+                                 (``model.training_state()``, e.g. CMD's fusion encoder; absent when empty)
         config.json              model name + model config + train config
         trainer_state.json       step, epoch, position in the epoch, best metric, seed, world size, ...
         optimizer.safetensors    optimizer tensors (Adam moments, step counters)
@@ -321,6 +323,18 @@ def save_checkpoint(
     return final
 
 
+#: File of a checkpoint holding ``model.training_state()`` (see :meth:`vgskit.models.base.RetrievalModel.training_state`).
+TRAINING_STATE = "training_state.safetensors"
+
+
+def _training_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    get = getattr(model, "training_state", None)
+    if not callable(get):
+        return {}
+    # Copies: safetensors needs contiguous CPU tensors that share no storage.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in get().items()}
+
+
 def _write_step(
     tmp: Path,
     *,
@@ -335,6 +349,9 @@ def _write_step(
     """Every file of one checkpoint into the temporary folder ``tmp``, flushed to disk."""
     # save_model drops duplicate references to shared tensors (tied weights) that save_file rejects.
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    extra = _training_state(model)
+    if extra:
+        save_file(extra, str(tmp / TRAINING_STATE))
     _write_json(tmp / "config.json", dict(config or {}))
     _write_json(tmp / "trainer_state.json", dict(trainer_state))
     if optimizer is not None:
@@ -552,7 +569,7 @@ def verify_checkpoint(path: str | Path) -> Path:
                 pass
         except (SafetensorError, OSError) as e:
             raise _unreadable(f, e) from e
-        if not f.with_suffix(".json").is_file() and f.name != "model.safetensors":
+        if not f.with_suffix(".json").is_file() and f.name not in ("model.safetensors", TRAINING_STATE):
             raise CheckpointError(folder, f"{f.with_suffix('.json').name} is missing")
     for f in sorted(folder.glob("*.json")):
         _read_json(f)
@@ -600,6 +617,7 @@ def load_checkpoint(
             raise CheckpointError(ckpt, "model.safetensors is missing") from e
         except (RuntimeError, OSError) as e:
             raise CheckpointError(ckpt, f"model weights do not fit: {e}") from e
+        _load_training_state(ckpt, model, device)
     try:
         if optimizer is not None:
             optimizer.load_state_dict(load_state(ckpt, "optimizer"))
@@ -620,6 +638,28 @@ def load_checkpoint(
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise CheckpointError(ckpt, f"RNG state is unreadable: {e}") from e
     return LoadedCheckpoint(ckpt, state, config, list(rng))
+
+
+def _load_training_state(ckpt: Path, model: torch.nn.Module, device: str | torch.device) -> None:
+    """Restore ``model.training_state()`` from the checkpoint; an error when one side has it and the other not."""
+    path = ckpt / TRAINING_STATE
+    wanted = _training_state(model)
+    if not path.is_file():
+        if wanted:
+            raise CheckpointError(ckpt, f"{TRAINING_STATE} is missing, but the model keeps training-only tensors "
+                                        f"({', '.join(sorted(wanted)[:4])}, ...) that a resumed run needs")
+        return
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(path, e) from e
+    loader = getattr(model, "load_training_state", None)
+    if not callable(loader):
+        raise CheckpointError(ckpt, f"{TRAINING_STATE} holds tensors but the model has no load_training_state")
+    try:
+        loader(tensors)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(ckpt, f"{TRAINING_STATE} does not fit the model: {e}") from e
 
 
 def _read_json(path: Path) -> Any:

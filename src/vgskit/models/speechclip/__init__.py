@@ -18,6 +18,12 @@ parts of vgskit find them through :mod:`vgskit.models.registry` and :mod:`vgskit
 """
 
 from vgskit.models.speechclip import commands  # noqa: F401  (registers the commands and the converter)
+from vgskit.models.speechclip.analyses import (
+    AttentionPlot,
+    ShuffledCaptionBatches,
+    keyword_slot_top_subwords,
+    plot_keyword_attention,
+)
 from vgskit.models.speechclip.blocks import (
     REFERENCE_LOSS_BUFFERS,
     AttentionAndNorm,
@@ -71,6 +77,7 @@ from vgskit.models.speechclip.model import (
     BRANCHES,
     CLIP_PAD_ID,
     VOCAB_CAPTION_SPLITS,
+    KeywordAttention,
     KeywordVocabulary,
     RawLastStateSpeechEncoder,
     SpeechCLIP,
@@ -92,6 +99,7 @@ __all__ = [
     "REFERENCE_TOWER_PREFIXES",
     "VOCAB_CAPTION_SPLITS",
     "AttentionAndNorm",
+    "AttentionPlot",
     "CascadedBranch",
     "CascadedBranchConfig",
     "CascadedBranchOutput",
@@ -99,6 +107,7 @@ __all__ = [
     "CrossModalDenoising",
     "FusionConfig",
     "FusionEncoder",
+    "KeywordAttention",
     "KeywordBatchNorm",
     "KeywordProjection",
     "KeywordVocabulary",
@@ -109,6 +118,7 @@ __all__ = [
     "RawLastStateSpeechEncoder",
     "ReferenceConversion",
     "SpeechCLIP",
+    "ShuffledCaptionBatches",
     "SpeechCLIPConfig",
     "SpeechClipWarmupDecay",
     "UnpickledObject",
@@ -125,10 +135,12 @@ __all__ = [
     "format_zero_shot_text",
     "key_padding_mask",
     "keyword_hit_rate",
+    "keyword_slot_top_subwords",
     "keyword_transcripts",
     "keyword_vocab_texts",
     "load_reference_checkpoint",
     "match_token_rows",
+    "plot_keyword_attention",
     "read_reference_checkpoint",
     "require_keyword_branch",
     "require_text_tower",

@@ -99,16 +99,27 @@ class ParallelBranchConfig:
 
 
 class ParallelBranch(nn.Module):
-    """CLS + post-norm transformer + final LayerNorm + projection of the CLS output."""
+    """CLS + post-norm transformer + final LayerNorm + projection of the CLS output.
 
-    def __init__(self, config: ParallelBranchConfig):
+    Args:
+        config: the branch configuration.
+        reference_init_order: draw the random initial values in the reference's order (transformer, then
+            CLS, then projection) instead of ours (CLS first). Both give the same distributions; only a
+            seeded run's values differ. The parameters are registered in the same order either way.
+    """
+
+    def __init__(self, config: ParallelBranchConfig, reference_init_order: bool = False):
         super().__init__()
         if not config.projection and config.audio_dim != config.out_dim:
             raise ConfigError(
                 f"projection=False needs audio_dim == out_dim ({config.audio_dim} != {config.out_dim})"
             )
         self.config = config
-        self.cls = nn.Parameter(torch.randn(1, 1, config.audio_dim))
+        # Registered first (state-dict order), its value drawn where the chosen order says.
+        self.cls = nn.Parameter(torch.empty(1, 1, config.audio_dim))
+        if not reference_init_order:
+            with torch.no_grad():
+                self.cls.normal_()
         layer = nn.TransformerEncoderLayer(
             config.audio_dim,
             config.num_heads,
@@ -127,6 +138,9 @@ class ParallelBranch(nn.Module):
             norm=nn.LayerNorm(config.audio_dim, eps=config.layer_norm_eps),
             enable_nested_tensor=False,
         )
+        if reference_init_order:
+            with torch.no_grad():
+                self.cls.normal_()
         self.proj = nn.Linear(config.audio_dim, config.out_dim) if config.projection else nn.Identity()
 
     def _source(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,6 +185,15 @@ class AttentionAndNorm(nn.Module):
         """``x [B, L, d]``, ``key_padding_mask [B, L]`` (True = padding) → ``[B, L, d]``."""
         attended = self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False)[0]  # [B, L, d]
         return self.norm(attended + x)
+
+    def attention_weights(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attention probabilities ``[B, L, L]`` (query, key), averaged over heads.
+
+        In training mode they include the attention dropout, as the block applies it; call in eval mode for
+        the plain softmax.
+        """
+        return self.attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=True,
+                         average_attn_weights=True)[1]
 
 
 class KeywordBatchNorm(nn.Module):
@@ -321,6 +344,9 @@ class CascadedBranchConfig:
         bn_learnable: learn the keyword BatchNorm's affine parameters.
         bn_std_scale: factor on the token-embedding std used as BatchNorm weight init.
         bn_reference_init: reproduce the reference's scrambled BatchNorm init order.
+        keyword_batchnorm: normalise the projected keywords with :class:`KeywordBatchNorm` before the vector
+            quantiser (the paper's model). ``False`` is the paper's "w/o BN" ablation (Table 6): the branch
+            then has no BatchNorm module and the cosine scores read the projected keywords directly.
         projection_hidden_dims: hidden widths of the keyword projection; empty (the released configs): one
             Linear ``audio_dim → text_dim``. ``(1024,)`` at large widths is the pre-release cascaded-large
             configs' MLP ``1024 → 1024 → 768`` (:class:`KeywordProjection`), which Table 1's 6.1 M trainable
@@ -340,6 +366,7 @@ class CascadedBranchConfig:
     bn_learnable: bool = True
     bn_std_scale: float = 1.0
     bn_reference_init: bool = False
+    keyword_batchnorm: bool = True
     projection_hidden_dims: tuple[int, ...] = ()
     projection_dropout: float = 0.1
 
@@ -376,7 +403,7 @@ class CascadedBranchOutput:
         keywords: ``[B, K, D]`` keyword embeddings (``subword_prob @ vocabulary``), input of CLIP's text tower.
         attention_out: ``[B, K+T, d]`` output of the attention block.
         kw_proj: ``[B, K, D]`` projected keyword slots.
-        kw_bn: ``[B, K, D]`` after the keyword BatchNorm.
+        kw_bn: ``[B, K, D]`` after the keyword BatchNorm (``kw_proj`` itself without it).
         cos_score: ``[B, K, V]`` cosine scores (before masking).
         vq: quantiser output (``subword_prob``, ``targets`` ...).
     """
@@ -391,6 +418,10 @@ class CascadedBranchOutput:
 
 class CascadedBranch(nn.Module):
     """``K`` CLS tokens → attention block → projection → BatchNorm → cosine VQ → keyword embeddings.
+
+    Modules are created in the reference's order (CLS, attention, projection, quantiser, BatchNorm), so a
+    seeded build draws the same random values and the state dict lists the same tensors in the same order
+    as the reference's ``KW_CascadedBranch`` (the quantiser and the BatchNorm draw no random numbers).
 
     Args:
         config: the branch configuration.
@@ -408,8 +439,10 @@ class CascadedBranch(nn.Module):
         hidden = tuple(config.projection_hidden_dims)
         self.proj: nn.Module = (KeywordProjection((d, *hidden, config.text_dim), config.projection_dropout) if hidden
                                 else nn.Linear(d, config.text_dim))
-        self.batchnorm = KeywordBatchNorm(k, config.text_dim, learnable=config.bn_learnable)
         self.vq = CosineVectorQuantizer(config.vq_temperature)
+        self.batchnorm: KeywordBatchNorm | None = (
+            KeywordBatchNorm(k, config.text_dim, learnable=config.bn_learnable) if config.keyword_batchnorm else None
+        )
         if token_embedding is None:
             self.token_embedding: nn.Embedding | None = nn.Embedding(config.vocab_size, config.text_dim)
             self.token_embedding.weight.requires_grad_(False)
@@ -432,20 +465,37 @@ class CascadedBranch(nn.Module):
         return emb.weight.detach()
 
     def init_batchnorm(self) -> None:
-        """(Re-)initialise the keyword BatchNorm from the vocabulary's statistics."""
+        """(Re-)initialise the keyword BatchNorm from the vocabulary's statistics (nothing without one)."""
+        if self.batchnorm is None:
+            return
         self.batchnorm.init_from_embeddings(
             self.vocabulary, self.config.bn_std_scale, reference_init=self.config.bn_reference_init
         )
 
-    def forward(self, feats: Tensor, lengths: Tensor) -> CascadedBranchOutput:
-        """Keywords of frames ``[B, T, d]`` with ``lengths [B]``; see :class:`CascadedBranchOutput`."""
+    def _source(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         b, t, _ = feats.shape
         k = self.config.num_keywords
         src = torch.cat([self.cls.expand(b, -1, -1).to(feats.dtype), feats], dim=1)  # [B, K+T, d]
-        mask = key_padding_mask(lengths + k, t + k)  # [B, K+T]
+        return src, key_padding_mask(lengths + k, t + k)  # [B, K+T]
+
+    def keyword_attention(self, feats: Tensor, lengths: Tensor) -> Tensor:
+        """Attention ``[B, K, T]`` of each keyword slot over the frames ``[B, T, d]`` (``lengths [B]``).
+
+        Rows are the slots' attention probabilities (heads averaged) restricted to the frame keys: the
+        part a slot spends on the ``K`` CLS tokens is left out, so a row sums to at most 1. Padded frames get
+        0. Call in eval mode (in training the attention dropout is applied, as in the forward pass).
+        """
+        k = self.config.num_keywords
+        src, mask = self._source(feats, lengths)
+        return self.attention.attention_weights(src, mask)[:, :k, k:]  # [B, K, T]
+
+    def forward(self, feats: Tensor, lengths: Tensor) -> CascadedBranchOutput:
+        """Keywords of frames ``[B, T, d]`` with ``lengths [B]``; see :class:`CascadedBranchOutput`."""
+        k = self.config.num_keywords
+        src, mask = self._source(feats, lengths)  # [B, K+T, d], [B, K+T]
         attention_out = self.attention(src, mask)  # [B, K+T, d]
         kw_proj = self.proj(attention_out[:, :k])  # [B, K, D]
-        kw_bn = self.batchnorm(kw_proj)  # [B, K, D]
+        kw_bn = self.batchnorm(kw_proj) if self.batchnorm is not None else kw_proj  # [B, K, D]
         vocab = self.vocabulary  # [V, D]
         cos_score = cosine_scores(kw_bn, vocab)  # [B, K, V]
         vq = self.vq(cos_score, self.config.masked_ids)

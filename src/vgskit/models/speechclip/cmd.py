@@ -38,8 +38,9 @@ Decisions the paper leaves open (each is a config field, so the alternative is o
 The fusion encoder exists only for training. Its weights (and the patch projection, which belongs to
 CLIP's frozen tower) are left out of the state dict, so a saved CMD model holds exactly the keys of a
 parallel SpeechCLIP model (:meth:`CrossModalDenoising.to_speechclip` builds one); retrieval
-(``encode_speech`` / ``encode_image``) never calls it. A training checkpoint has the same keys, so a resumed
-run restarts the fusion encoder from its initial weights (the trainer saves one state dict for both uses).
+(``encode_speech`` / ``encode_image``) never calls it. A training checkpoint keeps the fusion encoder's weights
+beside the model's (:meth:`CrossModalDenoising.training_state`, the trainer's ``training_state.safetensors``), so a
+resumed run continues with them, while the exported model never carries them.
 """
 
 from __future__ import annotations
@@ -374,6 +375,17 @@ class CrossModalDenoising(SpeechCLIP):
         names = {f.name for f in fields(SpeechCLIPConfig)}
         values = {k: v for k, v in asdict(self.config).items() if k in names}
         return SpeechCLIPConfig(**values)
+
+    def training_state(self) -> dict[str, Tensor]:
+        """The fusion encoder's weights, kept by training checkpoints (the patch projection is CLIP's, frozen)."""
+        return {f"fusion.{k}": v for k, v in self.fusion.state_dict().items()}
+
+    def load_training_state(self, tensors: Mapping[str, Tensor]) -> None:
+        """Restore :meth:`training_state` on resume (strict: every fusion tensor, nothing else)."""
+        unknown = sorted(k for k in tensors if not k.startswith("fusion."))
+        if unknown:
+            raise KeyError(f"unexpected training-state tensors {unknown[:4]}")
+        self.fusion.load_state_dict({k[len("fusion."):]: v for k, v in tensors.items()}, strict=True)
 
     def to_speechclip(self) -> SpeechCLIP:
         """A parallel :class:`SpeechCLIP` with this model's weights and no fusion encoder (same embeddings).

@@ -1,7 +1,8 @@
 """SpeechCLIP's command-line pieces, registered with :mod:`vgskit.extensions` and added to ``vgskit`` by the CLI.
 
-* ``vgskit keywords --checkpoint RUN a.wav ... [-k 5] [--json kw.json]`` — the subwords each keyword slot of a
-  cascaded model reads from spoken utterances;
+* ``vgskit keywords --checkpoint RUN a.wav ... [-k 5] [--json kw.json] [--attention-plot att.png]`` — the
+  subwords each keyword slot of a cascaded model reads from spoken utterances (and, for one file, a plot of
+  each slot's attention over time, the paper's Fig. 3);
 * ``vgskit layers --checkpoint RUN --out layers.png [--json layers.json]`` — the learned weights of the
   speech tower's hidden states (any model with ``layer_weights()``);
 * ``vgskit convert speechclip CHECKPOINT --config NAME|FILE --out DIR`` — a released reference checkpoint as
@@ -57,6 +58,9 @@ def add_keywords_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=5, help="tokens per slot (default 5)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="refuse longer files (default 60)")
     parser.add_argument("--json", default=None, help="also write the keywords (and errors) as JSON")
+    parser.add_argument("--attention-plot", default=None, metavar="PNG",
+                        help="also draw each keyword slot's attention over the frames of the (single) audio file, "
+                             "under its waveform, as the paper's Fig. 3")
     parser.add_argument("audio", nargs="+")
 
 
@@ -73,11 +77,19 @@ def run_keywords(args: argparse.Namespace) -> int:
         raise VGSKitError(f"--max-seconds must be > 0, got {args.max_seconds}")
     if args.json:
         check_output_path(args.json, "--json")
+    plot_path = getattr(args, "attention_plot", None)
+    if plot_path:
+        if len(args.audio) != 1:
+            raise VGSKitError(f"--attention-plot draws one utterance; give one audio file (got {len(args.audio)})")
+        check_output_path(plot_path, "--attention-plot")
     model = _load(args.checkpoint)
     keywords = getattr(model, "keywords", None)
     if not callable(keywords):
         raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} has no keyword slots (keywords()); "
                           "only cascaded models such as SpeechCLIP-C produce keywords")
+    if plot_path and not callable(getattr(model, "keyword_attention", None)):
+        raise VGSKitError(f"checkpoint {args.checkpoint}: model {_name(model)!r} reports no keyword attention "
+                          "(keyword_attention()), which --attention-plot draws")
     rate = int(getattr(model, "sample_rate", 16000))
     report: list[dict[str, Any]] = []
     failed = 0
@@ -97,11 +109,27 @@ def run_keywords(args: argparse.Namespace) -> int:
             print(f"  slot {i}: " + " ".join(f"{token} ({score:.2f})" for token, score in slot))
         report.append({"audio": path, "slots": [[{"token": t, "cosine": float(c)} for t, c in slot]
                                                 for slot in slots]})
+        if plot_path:
+            print(_plot_attention(model, wav, rate, [slot[0][0] if slot else "" for slot in slots], plot_path,
+                                  title=Path(path).name).path)
     if args.json:
         write_output_text(args.json, json.dumps(report, indent=2, ensure_ascii=False), "--json")
     if failed:
         print(f"vgskit: {failed} of {len(args.audio)} file(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _plot_attention(model: Any, wav: Any, rate: int, labels: Sequence[str], path: str, *, title: str) -> Any:
+    """Draw ``model``'s keyword attention over one utterance ``wav [T]``; y labels: slot number and subword."""
+    import torch
+
+    from vgskit.models.speechclip.analyses import plot_keyword_attention
+
+    att = model.keyword_attention(wav[None], torch.tensor([len(wav)]))
+    frames = int(att.lengths[0])
+    return plot_keyword_attention(wav, rate, att.weights[0, :, :frames], att.frame_rate, path,
+                                  slot_labels=[f"{i} {t}".strip() for i, t in enumerate(labels, start=1)],
+                                  title=f"Keyword attention: {title}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from vgskit.extensions import register_evaluation
 
 __all__ = [
     "KEYWORD_SOURCES",
+    "TOP_SUBWORDS",
     "caption_texts",
     "evaluate_keyword_hit_rate",
     "evaluate_zero_shot_text",
@@ -38,6 +39,8 @@ __all__ = [
 
 #: What :func:`evaluate_keyword_hit_rate` looks up in the vocabulary for each keyword slot.
 KEYWORD_SOURCES = ("chosen", "slot")
+#: Subwords per slot that :func:`evaluate_keyword_hit_rate` lists as the slot's most frequent selections.
+TOP_SUBWORDS = 10
 
 
 def _model_name(model: nn.Module) -> str:
@@ -209,13 +212,18 @@ def evaluate_keyword_hit_rate(model: nn.Module, dataset: Any, *, top_k: int = 5,
     hits there). Captions are embedded in length order to keep padding small; the model runs in eval mode
     (the keyword BatchNorm uses its running statistics).
 
+    The result also lists, per slot, the :data:`TOP_SUBWORDS` subwords the slot selects most often over the
+    captions, with their counts (the paper's Table 5; :func:`~vgskit.models.speechclip.analyses.keyword_slot_top_subwords`).
+
     Returns:
-        ``{"per_slot": [K rates], "mean": ..., "top_k": ..., "keywords": ..., "n_captions": N}``.
+        ``{"per_slot": [K rates], "mean": ..., "top_k": ..., "keywords": ..., "n_captions": N,
+        "top_subwords": [K lists of [subword, count]]}``.
 
     Raises:
         VGSKitError: the model has no cascaded branch or no tokenizer, or a caption has no transcript
             (``source``, e.g. the manifest and split, is named in the message).
     """
+    from vgskit.models.speechclip.analyses import keyword_slot_top_subwords
     from vgskit.models.speechclip.metrics import keyword_hit_rate
     from vgskit.models.speechclip.model import special_token_ids
     from vgskit.retrieval.evaluate import map_speech
@@ -235,18 +243,24 @@ def evaluate_keyword_hit_rate(model: nn.Module, dataset: Any, *, top_k: int = 5,
     row_of = {int(t): r for r, t in enumerate(token_ids.tolist())}
     caption_tokens = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    def slot_vectors(speech: SpeechInputs) -> Tensor:
+    def slot_vectors(speech: SpeechInputs) -> list[tuple[Tensor, list[int]]]:
         wavs, lengths = speech.values, speech.lengths  # [B, T], [B]
+        chosen, _ = model.keyword_ids(wavs, lengths, top_k=1)  # type: ignore[operator]  # [B, K, 1] token ids
+        chosen_ids = [[int(t) for t in slots] for slots in chosen[..., 0].tolist()]  # [B][K]
         if keywords == "chosen":
-            chosen, _ = model.keyword_ids(wavs, lengths, top_k=1)  # type: ignore[operator]  # [B, K, 1] token ids
-            chosen_rows = torch.tensor([[row_of[int(t)] for t in slots] for slots in chosen[..., 0].tolist()])
-            return table[chosen_rows]  # [B, K, D]
-        return model.keyword_embeddings(wavs, lengths).float().cpu()  # type: ignore[operator]  # [B, K, D]
+            vectors = table[torch.tensor([[row_of[t] for t in slots] for slots in chosen_ids])]  # [B, K, D]
+        else:
+            vectors = model.keyword_embeddings(wavs, lengths).float().cpu()  # type: ignore[operator]  # [B, K, D]
+        return list(zip(vectors, chosen_ids, strict=True))
 
-    vectors = torch.stack(map_speech(model, dataset, slot_vectors, batch_size))  # [N, K, D]
+    rows = map_speech(model, dataset, slot_vectors, batch_size)
+    vectors = torch.stack([v for v, _ in rows])  # [N, K, D]
     rates = keyword_hit_rate(vectors, candidates, caption_tokens, candidate_ids, top=top_k)
+    top_subwords = keyword_slot_top_subwords([ids for _, ids in rows], TOP_SUBWORDS,
+                                             decode=lambda t: tokenizer.convert_ids_to_tokens(int(t)))
     return {"per_slot": [float(r) for r in rates], "mean": float(rates.mean()), "top_k": int(top_k),
-            "keywords": keywords, "n_captions": len(dataset)}
+            "keywords": keywords, "n_captions": len(dataset),
+            "top_subwords": [[[str(tok), int(n)] for tok, n in slot] for slot in top_subwords]}
 
 
 def format_keyword_hit_rate(result: Mapping[str, Any]) -> str:
@@ -256,6 +270,11 @@ def format_keyword_hit_rate(result: Mapping[str, Any]) -> str:
              f"caption's subwords; {result['n_captions']} captions)"]
     lines += [f"  slot {i:>2}: {rate:6.2f} %" for i, rate in enumerate(result["per_slot"], start=1)]
     lines.append(f"  mean   : {result['mean']:6.2f} %")
+    top = result.get("top_subwords")
+    if top:
+        lines.append("most frequent selected subwords per slot (count)")
+        lines += [f"  slot {i:>2}: " + ", ".join(f"{tok} ({n})" for tok, n in slot)
+                  for i, slot in enumerate(top, start=1)]
     return "\n".join(lines)
 
 

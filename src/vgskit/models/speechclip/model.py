@@ -105,6 +105,21 @@ CLIP_PAD_ID = 0
 # ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class KeywordAttention:
+    """What :meth:`SpeechCLIP.keyword_attention` returns.
+
+    Attributes:
+        weights: ``[B, K, T']`` attention of each keyword slot over the frames (0 on padding).
+        lengths: ``[B]`` frames of each utterance.
+        frame_rate: frames per second (frame ``t`` covers ``[t, t + 1) / frame_rate`` seconds).
+    """
+
+    weights: Tensor
+    lengths: Tensor
+    frame_rate: float
+
+
 def special_token_ids(tokenizer: Any) -> set[int]:
     """Ids a keyword must never be: CLIP's padding id 0 and the tokenizer's start/end/pad tokens."""
     ids = {CLIP_PAD_ID}
@@ -310,6 +325,14 @@ class SpeechCLIPConfig:
             are on during training). Default: a frozen tower always runs in eval mode, so its features are
             deterministic (and can be cached: with this option the speech tower is not offered to a feature
             cache, which would freeze one dropout draw). Evaluation is unaffected (eval mode).
+        reference_init_order: draw the branches' random initial values in the reference's order: the cascaded
+            branch before the parallel one, and within the parallel branch the transformer before the CLS
+            token (:class:`ParallelBranch`). Default: parallel first, CLS first. Only a seeded build's values
+            differ (the distributions are the same); the frozen towers' construction is not covered.
+        decay_all_parameters: apply the weight decay to every trainable parameter (one optimizer group), as
+            the reference does (it hands all its parameters to ``torch.optim.Adam`` with ``weight_decay``).
+            Default: the usual groups, without decay on parameters of ``ndim < 2`` (biases, norm and
+            BatchNorm scales, the layer weights, the temperature; :func:`vgskit.train.optim.default_param_groups`).
     """
 
     speech: PretrainedSpeechConfig = field(default_factory=_base_speech)
@@ -329,6 +352,8 @@ class SpeechCLIPConfig:
     vocab_caption_splits: Literal["train", "all_splits"] = "train"
     raw_last_hidden_state: bool = False
     frozen_speech_dropout: bool = False
+    reference_init_order: bool = False
+    decay_all_parameters: bool = False
 
     def __post_init__(self) -> None:
         self.speech = _nested(PretrainedSpeechConfig, self.speech, "speech")
@@ -451,17 +476,21 @@ class SpeechCLIP(RetrievalModel):
         self.layer_sum = WeightedLayerSum(self.speech_tower.num_hidden_states, layer_norm=config.layer_norm_states)
 
         self.parallel: ParallelBranch | None = None
-        if "parallel" in config.branch_names:
-            _check(audio_dim % config.parallel.num_heads == 0, "parallel.num_heads",
-                   f"must divide the speech tower's width {audio_dim}", config.parallel.num_heads)
-            config.parallel = replace(config.parallel, audio_dim=audio_dim, out_dim=self._embed_dim)
-            self.parallel = ParallelBranch(config.parallel)
-
         self.keyword_vocabulary: KeywordVocabulary | None = None
         self.cascaded: CascadedBranch | None = None
         self._sot_id = self._eot_id = -1
-        if "cascaded" in config.branch_names:
-            self._build_cascaded(audio_dim)
+        # The reference builds its cascaded branch first (it matters only for seeded initial values).
+        order = ("cascaded", "parallel") if config.reference_init_order else ("parallel", "cascaded")
+        for name in order:
+            if name not in config.branch_names:
+                continue
+            if name == "cascaded":
+                self._build_cascaded(audio_dim)
+                continue
+            _check(audio_dim % config.parallel.num_heads == 0, "parallel.num_heads",
+                   f"must divide the speech tower's width {audio_dim}", config.parallel.num_heads)
+            config.parallel = replace(config.parallel, audio_dim=audio_dim, out_dim=self._embed_dim)
+            self.parallel = ParallelBranch(config.parallel, reference_init_order=config.reference_init_order)
 
         self.loss = speechclip_loss(config.learnable_temperature, config.init_temperature)
         post_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
@@ -472,6 +501,13 @@ class SpeechCLIP(RetrievalModel):
             self._register_load_state_dict_pre_hook(_keep_unsaved_towers, with_module=True)
         if self._speech_dropout():
             self.train(self.training)  # the tower put itself in eval mode; the option keeps its dropout on
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer groups: the default ones, or one group decaying every parameter (``decay_all_parameters``)."""
+        if not self.config.decay_all_parameters:
+            return super().param_groups(weight_decay)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}] if params else []
 
     def _speech_dropout(self) -> bool:
         return self.config.frozen_speech_dropout and self.config.speech.freeze
@@ -670,6 +706,24 @@ class SpeechCLIP(RetrievalModel):
         return cascaded(feats, frame_lengths).kw_bn
 
     @torch.no_grad()
+    def keyword_attention(self, wavs: Tensor, lengths: Tensor) -> KeywordAttention:
+        """Attention of every keyword slot over the speech frames (the paper's Fig. 3).
+
+        Computed in eval mode (restored afterwards): the attention block's softmax without dropout, heads
+        averaged, restricted to the frame keys (see :meth:`CascadedBranch.keyword_attention`).
+        """
+        cascaded, _ = self._keyword_branch()
+        was_training = self.training
+        self.eval()
+        try:
+            feats, frame_lengths = self.speech_features(wavs, lengths)
+            weights = cascaded.keyword_attention(feats, frame_lengths)  # [B, K, T']
+        finally:
+            self.train(was_training)
+        frame_rate = float(getattr(self.speech_tower, "frame_rate", 50.0))
+        return KeywordAttention(weights.float(), frame_lengths, frame_rate)
+
+    @torch.no_grad()
     def keyword_ids(self, wavs: Tensor, lengths: Tensor, top_k: int = 5) -> tuple[Tensor, Tensor]:
         """The ``top_k`` nearest vocabulary tokens of every keyword slot.
 
@@ -859,6 +913,7 @@ __all__ = [
     "CascadedBranchConfig",
     "CascadedBranchOutput",
     "CosineVectorQuantizer",
+    "KeywordAttention",
     "KeywordBatchNorm",
     "KeywordProjection",
     "KeywordVocabulary",

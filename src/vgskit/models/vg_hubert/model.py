@@ -423,7 +423,11 @@ register_model(
     "vg_hubert_scenes",
     config=VGHuBERTConfig(
         speech=scenes_speech_tower(),
-        image=PretrainedImageConfig(name_or_path="", pool="cls", project=False, freeze=False,
+        # Max over the patch tokens instead of the reference's CLS: from scratch, the random ViT's CLS is nearly the
+        # same for every image and training collapsed both towers to constant embeddings within 20 steps
+        # (measured: loss flat at its collapsed value log(1 + 47e) x 2 = 9.71 at batch 48, with dot products or
+        # cosines, lr 1e-4 to 1e-3); with the maximum the loss leaves that value within 25 steps.
+        image=PretrainedImageConfig(name_or_path="", pool="max", project=False, freeze=False,
                                     architecture=dict(SCENES_VIT)),
         embed_dim=256,
         segment_layer=2,  # the reference reads layer 9 of 12, three from the top; of 4 layers, the third

@@ -486,9 +486,11 @@ register_model(
     "sg_mim_scenes",
     config=SGMIMConfig(
         # vg_hubert_scenes's speech tower and an MAE ViT of its image tower's sizes, random weights (see the
-        # sg_mim_scenes recipe); the paper's mean image feature, linear projections and margin-free InfoNCE.
+        # sg_mim_scenes recipe); the paper's linear projections and margin-free InfoNCE.
         speech=scenes_speech_tower(),
-        image=PretrainedImageConfig(name_or_path="", pool="mean", project=False, freeze=False,
+        # Max over the patch tokens instead of the paper's mean: as vg_hubert_scenes (from scratch, the mean of a
+        # random ViT's tokens barely differs between images and contrastive training collapses).
+        image=PretrainedImageConfig(name_or_path="", pool="max", project=False, freeze=False,
                                     architecture=dict(SCENES_MAE)),
         embed_dim=256,
         segment_layer=2,  # as vg_hubert_scenes: the third of 4 layers
