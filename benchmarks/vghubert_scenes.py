@@ -67,7 +67,10 @@ def main() -> None:
     p.add_argument("--val-captions", type=int, default=500, help="validation captions for choosing layer/quantile")
     p.add_argument("--tolerance-ms", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=HERE / "results" / "vghubert_scenes.json")
+    p.add_argument("--train-seconds", nargs="*", default=[], metavar="MODEL=SECONDS",
+                   help="training wall time of each run to record beside its scores (from `vgskit train`'s summary)")
     args = p.parse_args()
+    args.train_seconds = {k: float(v) for k, v in (item.split("=", 1) for item in args.train_seconds)}
 
     data_cfg = data_config_from(load_experiment(args.recipe).get("data"))
     manifest = resolve_manifest(data_cfg, progress=False)
@@ -103,12 +106,8 @@ def main() -> None:
         print(f"\n{name} ({run}) test recall:", json.dumps(_recall_row(recall)))
         print(format_word_segmentation(chosen))
         print("model default:\n" + format_word_segmentation(default), flush=True)
-        summary = {}
-        summary_path = Path(run) / "train_summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
         out["runs"][name] = {
-            "run": str(run), "train_wall_s": summary.get("train_wall_s"), "steps": summary.get("step"),
+            "run": str(run), "train_wall_s": args.train_seconds.get(name),
             "recall_test": _recall_row(recall), "recall_seconds": round(recall_s, 1),
             "segmentation_val_grid": grid, "segmentation_test_chosen": _scores(chosen),
             "segmentation_test_default": _scores(default), "segmentation_seconds": round(seg_s, 1),

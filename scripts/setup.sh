@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 
 extras="${1:-}"
 apt_packages=(espeak-ng flite sox dataset-fashion-mnist)
+# The test suite drives the search page in a real browser (tests/test_serve_page.py).
+case ",$extras," in
+  *,test,*) apt_packages+=(chromium chromium-driver) ;;
+esac
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -176,6 +176,12 @@ TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
     "cmd_large": _cmd,
     "dual_encoder": lambda t: create_model("dual_encoder"),
     "dual_encoder_tiny": lambda t: create_model("dual_encoder_tiny"),
+    # MILAN at test sizes: a tiny ResNet over MFCC frames, and a random-init EfficientNet-Lite0 at 32 px.
+    "milan": lambda t: create_model(
+        "milan", frontend={"n_mels": 24, "n_mfcc": 16},
+        resnet={"depths": (1, 1), "widths": (8, 16), "strides": (1, 2), "expansion": 2, "stem_channels": 16},
+        image={"weights": None, "image_size": 32}, embed_dim=16),
+    "milan_small": lambda t: create_model("milan_small"),
     **{f"speechclip_{b}_{s}": _speechclip(b) for b in ("parallel", "cascaded") for s in ("base", "large")},
     **{name: _vg_hubert(name) for name in ("vg_hubert", "vg_hubert_m", "vg_hubert_tiny")},
     **{name: _sg_mim(name) for name in ("sg_mim", "sg_mim_tiny")},

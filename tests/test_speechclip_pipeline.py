@@ -5,6 +5,7 @@ vocabulary and a frozen-feature cache, then ``load_model``, ``vgskit keywords``,
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -158,7 +159,10 @@ def test_eval_cli_zero_shot_text_and_keyword_hit_rate(run, tiny_manifest, tmp_pa
     assert all(abs(r * n_test / 100 - round(r * n_test / 100)) < 1e-9 for r in hit["per_slot"])
     printed = capsys.readouterr().out
     assert "zero-shot speech <-> text" in printed and "keyword hit rate (top-3" in printed
-    assert printed.count(" slot ") == KEYWORDS
+    # One rate line per slot (the per-slot subword lines that follow say "(count)" after each subword).
+    rate_lines = [line for line in printed.splitlines() if re.fullmatch(r"  slot +\d+: +[\d.]+ %", line)]
+    assert len(rate_lines) == KEYWORDS
+    assert "most frequent selected subwords per slot" in printed
 
     # The CLI's numbers are those of the library call on the same split.
     model = load_model(run[0])

@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="retrieval recall of a checkpoint (or a registered model) on a manifest split")
     which = e.add_mutually_exclusive_group(required=True)
-    which.add_argument("--checkpoint", help="run folder, checkpoint folder or saved model folder")
+    which.add_argument("--checkpoint", help="run folder, checkpoint folder, saved model folder or Hugging Face Hub id owner/name[@revision]")
     which.add_argument("--model", default=None,
                        help="a registered model evaluated as built, without trained weights of its own")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     i = sub.add_parser("index", help="embed a split's images into a search index")
-    i.add_argument("--checkpoint", required=True)
+    i.add_argument("--checkpoint", required=True, help="run, checkpoint or model folder, or a hub id owner/name[@revision]")
     i.add_argument("--manifest", required=True)
     i.add_argument("--split", default="test")
     i.add_argument("--out", required=True)
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=_cmd_index)
 
     s = sub.add_parser("search", help="search an index with spoken queries (audio files)")
-    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--checkpoint", required=True, help="run, checkpoint or model folder, or a hub id owner/name[@revision]")
     s.add_argument("--index", required=True)
     s.add_argument("-k", type=int, default=5)
     s.add_argument("--rerank-top", type=int, default=None,

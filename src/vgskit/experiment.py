@@ -630,10 +630,14 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
     """A trained model from a checkpoint folder (``best/``, ``step_N/``), a run's ``checkpoints/``, a run folder
     or the demo's output folder (``train/checkpoints/`` inside it); see
     :func:`vgskit.train.checkpoint.resolve_model_folder`. A run's ``best/`` is checked against the step the run
-    recorded as best, so an interrupted update of it never hands back an older model."""
+    recorded as best, so an interrupted update of it never hands back an older model. A Hugging Face Hub id
+    (``owner/name`` or ``owner/name@revision``) that is not a local path is downloaded (:mod:`vgskit.hub`)."""
+    from vgskit.hub import is_hub_id
     from vgskit.models.registry import load_pretrained
     from vgskit.train.checkpoint import resolve_model_folder
 
+    if is_hub_id(checkpoint):
+        return load_pretrained(str(checkpoint))
     return load_pretrained(resolve_model_folder(checkpoint))
 
 

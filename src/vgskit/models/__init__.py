@@ -17,6 +17,7 @@ from vgskit.models.dual_encoder import DualEncoder, DualEncoderConfig  # noqa: E
 from vgskit.models.speechclip import SpeechCLIP, SpeechCLIPConfig  # noqa: E402  isort: skip
 from vgskit.models.fast_vgs import FastVGS, FastVGSConfig  # noqa: E402  isort: skip
 from vgskit.models.vg_hubert import VGHuBERT, VGHuBERTConfig  # noqa: E402  isort: skip
+from vgskit.models.milan import Milan, MilanConfig  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "DualEncoder",

@@ -172,19 +172,38 @@ def _short(keys: list[str], limit: int = 6) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_pretrained(directory: str | Path, device: str | torch.device = "cpu") -> RetrievalModel:
+def load_pretrained(directory: str | Path, device: str | torch.device = "cpu", *, revision: str | None = None,
+                    local_files_only: bool | None = None) -> RetrievalModel:
     """Rebuild a model saved by :func:`save_pretrained`; returned in eval mode.
 
     ``directory`` may also be a training checkpoint folder; a run's ``best/`` is first checked against the
     step the run recorded as best (see :func:`vgskit.train.checkpoint.check_best`). Weights that are
     unreadable, or that do not fit the model the config describes, raise :class:`ModelFileError` naming the
     folder and listing the missing, unexpected and mis-shaped tensors.
+
+    A string of the form ``owner/name`` (or ``owner/name@revision``) that is not an existing local path is a
+    Hugging Face Hub repository (pushed by :func:`vgskit.hub.push_to_hub`): its ``config.json`` and
+    ``model.safetensors`` are downloaded into the hub cache first (:func:`vgskit.hub.download_model`; needs the
+    ``hub`` extra), at ``revision`` if given, from the cache only when ``local_files_only`` is true or, when it
+    is ``None``, when ``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` is set. Strings that look like a path
+    (``./``, ``/``, ``~``, more than one slash) and :class:`~pathlib.Path` objects are always local folders,
+    which never touch the network.
     """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
+    from vgskit.hub import download_model, split_hub_id
     from vgskit.train.checkpoint import BEST, check_best
 
+    hub_id = split_hub_id(directory)
+    if hub_id is not None:
+        repo_id, pinned = hub_id
+        if pinned is not None and revision is not None and pinned != revision:
+            raise ConfigError(f"{directory!r} pins revision {pinned!r} but revision={revision!r} was given")
+        directory = download_model(repo_id, revision=pinned or revision, local_files_only=local_files_only)
+    elif revision is not None:
+        raise ConfigError(f"revision={revision!r} applies to a hub repository id, not to the local folder "
+                          f"{directory}")
     directory = Path(directory)
     if directory.name == BEST:
         directory = check_best(directory)

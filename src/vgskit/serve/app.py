@@ -50,6 +50,7 @@ from vgskit.retrieval.engine import SearchEngine, model_identity
 from vgskit.serve.decode import ACCEPTED, QueryRejected, decode_query
 from vgskit.serve.limits import ServeLimits
 from vgskit.serve.metrics import CONTENT_TYPE, STAGES, Metrics
+from vgskit.serve.page import mount_page
 
 log = logging.getLogger("vgskit.serve")
 
@@ -197,6 +198,7 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
                                     limits.max_concurrent_searches)})
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
+    mount_page(app)  # the search page at / and its files under /static/
     app.add_middleware(_MetricsMiddleware, metrics=state.metrics)
     if limits.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware

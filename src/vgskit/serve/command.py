@@ -17,7 +17,7 @@ _DEFAULTS = ServeLimits()
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or saved model folder")
+    p.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder, saved model folder or Hugging Face Hub id owner/name[@revision]")
     p.add_argument("--index", action="append", required=True, metavar="NAME=DIR",
                    help="a search index built by `vgskit index` with this checkpoint, served as NAME (repeat for "
                         "several; the first is the default; DIR alone is named after its folder)")
