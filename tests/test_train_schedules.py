@@ -207,3 +207,21 @@ def test_speechclip_model_module_reexports_the_schedule():
     import vgskit.models.speechclip as speechclip
 
     assert speechclip.SpeechClipWarmupDecay is SpeechClipWarmupDecay
+
+
+def test_step_decay_is_milans_staircase():
+    # MILAN §4: lr 1e-3, multiplied by 0.999 every 1,000 steps (here after a 2-step warm-up).
+    cfg = TrainConfig(schedule="step_decay", lr=1e-3, decay_gamma=0.999, decay_every=1000, warmup_steps=2,
+                      max_steps=5000)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, 5000)
+    lrs = []
+    for _ in range(4000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5e-3) and lrs[1] == pytest.approx(1e-3)
+    assert lrs[2] == lrs[1001] == pytest.approx(1e-3)  # steps 2 .. 1001: the first stair
+    assert lrs[1002] == pytest.approx(1e-3 * 0.999) and lrs[3002] == pytest.approx(1e-3 * 0.999 ** 3)
+    with pytest.raises(ConfigError, match="decay_gamma"):
+        TrainConfig(schedule="step_decay", max_steps=10, decay_gamma=1.5)

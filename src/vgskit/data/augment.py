@@ -54,6 +54,7 @@ __all__ = [
     "RandAugmentConfig",
     "augment_image",
     "augment_rng",
+    "color_jitter",
     "crop_window",
     "rand_augment",
 ]
@@ -115,14 +116,20 @@ class AugmentConfig:
     ``scale``: the range of the window's area as a fraction of the image's area. ``ratio``: the range of the
     window's aspect ratio (width / height), sampled uniformly in log space so that 3:4 and 4:3 are equally
     likely. ``flip``: mirror the result left-right with probability 0.5. ``scale``, ``ratio`` and ``flip`` are
-    used by ``kind="crop_flip"``. ``randaugment``: RandAugment applied after the kind's augmentation (``None``:
-    none).
+    used by ``kind="crop_flip"``. ``brightness`` / ``saturation``: after the crop and flip, the brightness and
+    then the saturation are scaled by factors drawn uniformly from ``[max(0, 1 - b), 1 + b]`` (torchvision's
+    ``ColorJitter`` ranges, applied with PIL's ``ImageEnhance`` as torchvision does for PIL images, in this fixed
+    order); 0 leaves them alone and draws nothing, so configurations without them augment exactly as before
+    (MILAN: "random brightening and saturation"). ``randaugment``: RandAugment applied after the kind's
+    augmentation (``None``: none).
     """
 
     kind: str = "none"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    brightness: float = 0.0
+    saturation: float = 0.0
     randaugment: RandAugmentConfig | None = None
 
     def __post_init__(self) -> None:
@@ -136,6 +143,13 @@ class AugmentConfig:
             raise ConfigError(f"AugmentConfig.ratio must satisfy 0 < low <= high, got {self.ratio!r}")
         if not isinstance(self.flip, bool):
             raise ConfigError(f"AugmentConfig.flip must be true or false, got {self.flip!r}")
+        for name in ("brightness", "saturation"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 10:
+                raise ConfigError(f"AugmentConfig.{name} must be a number in [0, 10), got {value!r}")
+            if value and self.kind == "none":
+                raise ConfigError(f"AugmentConfig.{name}: colour jitter follows the random resized crop; set "
+                                  "kind: crop_flip with it (kind: none means no train-time augmentation at all)")
         randaugment = self.randaugment
         if isinstance(randaugment, dict):  # JSON / YAML give a mapping
             unknown = sorted(set(randaugment) - {"num_ops", "magnitude", "num_magnitude_bins"})
@@ -241,10 +255,23 @@ def augment_image(
             out = np.array(Image.fromarray(np.ascontiguousarray(window)).resize((width, height), resample))
         if config.flip and rng.random() < 0.5:
             out = np.ascontiguousarray(out[:, ::-1])
+        if config.brightness or config.saturation:
+            out = color_jitter(out, config.brightness, config.saturation, rng)
     if config.randaugment is not None:
         ra = config.randaugment
         out = rand_augment(out, ra.num_ops, ra.magnitude, rng, ra.num_magnitude_bins)
     return out
+
+
+def color_jitter(image: np.ndarray, brightness: float, saturation: float, rng: np.random.Generator) -> np.ndarray:
+    """Scale brightness then saturation of a uint8 ``[H, W, 3]`` image by factors drawn from ``[max(0, 1 - x),
+    1 + x]`` (a zero ``x`` draws nothing and changes nothing)."""
+    pil = Image.fromarray(image)
+    if brightness:
+        pil = ImageEnhance.Brightness(pil).enhance(float(rng.uniform(max(0.0, 1 - brightness), 1 + brightness)))
+    if saturation:
+        pil = ImageEnhance.Color(pil).enhance(float(rng.uniform(max(0.0, 1 - saturation), 1 + saturation)))
+    return np.asarray(pil)
 
 
 def _magnitude(op: str, level: int, bins: int, height: int, width: int) -> float:

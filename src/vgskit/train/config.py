@@ -62,7 +62,8 @@ class TrainConfig:
     * ``schedule``: a name registered in :mod:`vgskit.train.schedules` (``linear``, ``speechclip``,
       ``bert_warmup_linear``, see :func:`~vgskit.train.schedules.list_schedules`). ``bert_warmup_linear``
       needs ``warmup_fraction`` (an exact fraction of the run, not rounded to steps) and ignores ``end_lr``;
-      ``speechclip`` needs a warm-up of at least one step.
+      ``speechclip`` needs a warm-up of at least one step; ``step_decay`` multiplies the lr by ``decay_gamma``
+      every ``decay_every`` steps after the warm-up (MILAN: 0.999 every 1,000) and ignores ``end_lr``.
     * ``init_from``: a checkpoint folder whose model weights the run starts from (fine-tuning); unlike
       resuming, the optimizer, schedule and step start afresh.
     * ``amp``: bf16 autocast on CPU, fp16 autocast with a GradScaler on CUDA.
@@ -89,6 +90,8 @@ class TrainConfig:
     max_steps: int | None = None
     epochs: int | None = None
     end_lr: float = 0.0
+    decay_gamma: float = 0.999
+    decay_every: int = 1000
     batch_size: int = 32
     grad_clip: float | None = 1.0
     amp: bool = False
@@ -144,6 +147,8 @@ class TrainConfig:
         _check(warmup_key, self.schedule != "speechclip" or bool(self.warmup_steps or self.warmup_fraction),
                "the 'speechclip' schedule needs a warm-up: set warmup_steps or warmup_fraction > 0",
                getattr(self, warmup_key))
+        _check("decay_gamma", 0 < self.decay_gamma <= 1, "must be in (0, 1]", self.decay_gamma)
+        _check("decay_every", self.decay_every >= 1, "must be >= 1", self.decay_every)
         _check("batch_size", self.batch_size >= 1, "must be >= 1", self.batch_size)
         _check("grad_clip", self.grad_clip is None or self.grad_clip > 0, "must be > 0 or null",
                self.grad_clip)

@@ -143,6 +143,25 @@ class BertWarmupLinear:
         return bert_warmup_linear(step / self.total_steps, self.warmup)
 
 
+class WarmupStepDecay:
+    """Linear warm-up, then the lr times ``gamma`` every ``every`` steps (a staircase; picklable).
+
+    MILAN (Sanabria et al., 2021, §4): "the learning rate [is] multiplied by 0.999 every 1,000 steps". Step
+    ``s`` after a warm-up of ``w`` steps runs at ``gamma ** ((s - w) // every)`` of the peak.
+    """
+
+    def __init__(self, warmup: int, gamma: float, every: int):
+        if not 0 < gamma <= 1 or every < 1 or warmup < 0:
+            raise ConfigError(f"step decay: need 0 < gamma <= 1, every >= 1, warmup >= 0 (got {gamma}, {every}, "
+                              f"{warmup})")
+        self.warmup, self.gamma, self.every = int(warmup), float(gamma), int(every)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.gamma ** ((step - self.warmup) // self.every)
+
+
 # ------------------------------------------------------------------------------------------------- builders
 
 
@@ -179,6 +198,11 @@ def _bert_warmup_linear(cfg: TrainConfig, total_steps: int) -> BertWarmupLinear:
     return BertWarmupLinear(cfg.warmup_fraction, total_steps)
 
 
+@register_schedule("step_decay")
+def _step_decay(cfg: TrainConfig, total_steps: int) -> WarmupStepDecay:
+    return WarmupStepDecay(resolve_warmup_steps(cfg, total_steps), cfg.decay_gamma, cfg.decay_every)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> LambdaLR:
     """``LambdaLR`` running the schedule ``cfg.schedule`` over ``total_steps`` optimizer updates.
 
@@ -197,6 +221,7 @@ __all__ = [
     "BertWarmupLinear",
     "SpeechClipWarmupDecay",
     "WarmupLinearDecay",
+    "WarmupStepDecay",
     "bert_warmup_linear",
     "build_scheduler",
     "list_schedules",
