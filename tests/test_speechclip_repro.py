@@ -215,6 +215,8 @@ def test_model_builds_the_cascaded_branch_first(towers: Towers) -> None:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipes_batch_one_caption_per_image_unsorted(recipe: Path) -> None:
     data = data_config_from(load_experiment(recipe)["data"])
+    # The reference's batches: every caption its own item, shuffled (data.batch_sampler: shuffled).
+    assert data.batch_sampler == "shuffled"
     assert data.captions_per_image == 1 and data.length_bucketing is False
     assert data.train_crop == "random" and data.train_max_seconds == 6.4 and data.eval_max_seconds is None
 

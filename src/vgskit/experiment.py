@@ -24,7 +24,7 @@ import copy
 import difflib
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -67,7 +67,11 @@ class DataConfig:
             :mod:`vgskit.data.loader`). Evaluation never crops at random.
         eval_max_seconds: evaluation crop (``None``: whole captions).
         captions_per_image: captions of each image in a training batch (the rest of the batch is other images).
-        length_bucketing: sort groups by length within buckets to reduce padding.
+        length_bucketing: sort groups by length within buckets to reduce padding (``paired`` batches).
+        batch_sampler: ``"paired"`` (default: each batch holds distinct images with ``captions_per_image``
+            captions each, optionally length-bucketed) or ``"shuffled"`` (all captions shuffled and cut into
+            full batches, two captions of an image may meet: a plain shuffled loader, as the SpeechCLIP
+            reference); see :mod:`vgskit.data.loader`.
         preload: decode all audio and images into memory once (fast epochs; fits the embedded corpus).
         eval_batch_size: batch size for embedding during evaluation.
         val_max_images: evaluate validation on at most this many images (keeps per-epoch evaluation cheap).
@@ -103,6 +107,7 @@ class DataConfig:
     eval_max_seconds: float | None = None
     captions_per_image: int = 2
     length_bucketing: bool = True
+    batch_sampler: str = "paired"
     preload: bool = True
     eval_batch_size: int = 128
     val_max_images: int | None = None
@@ -133,6 +138,14 @@ class DataConfig:
             if bad or not self.feature_cache_towers:
                 raise ConfigError(f"feature_cache_towers: choose from {list(TOWER_KINDS)} (or null for every "
                                   f"frozen tower), got {self.feature_cache_towers!r}")
+        from vgskit.data.loader import BATCH_SAMPLERS
+
+        if self.batch_sampler not in BATCH_SAMPLERS:
+            raise ConfigError(f"batch_sampler: must be one of {', '.join(map(repr, BATCH_SAMPLERS))}, got "
+                              f"{self.batch_sampler!r}")
+        if self.batch_sampler == "shuffled" and self.length_bucketing:
+            raise ConfigError("batch_sampler: 'shuffled' batches are not grouped by length; set length_bucketing: "
+                              "false with it")
         if self.feature_cache_batch_size < 1:
             raise ConfigError(f"feature_cache_batch_size: must be >= 1, got {self.feature_cache_batch_size}")
         if self.num_regions < 1:
@@ -407,9 +420,8 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     if data_cfg.length_bucketing and lengths is None:
         lengths = base_set.num_samples()  # cropped lengths; file headers if not preloaded
     # The sampler tells the dataset each epoch (and the seed) before that epoch's loader starts: random crops.
-    sampler = paired_batch_sampler_factory(train_set.caption_image_index, train_cfg.batch_size,
-                                           data_cfg.captions_per_image, lengths=lengths,
-                                           on_epoch=train_set.set_epoch)
+    sampler = batch_sampler_for(data_cfg, train_set.caption_image_index, train_cfg.batch_size, lengths=lengths,
+                                on_epoch=train_set.set_epoch)
 
     # Every rank passes the same evaluate_fn (the Trainer runs it on the main rank only and broadcasts the
     # result); the validation set is therefore built lazily, on first use, by the main rank alone.
@@ -471,6 +483,19 @@ def _check_training_settings(train_cfg: TrainConfig, data_cfg: DataConfig, out_d
                               f"choose one of {', '.join(names)}")
 
 
+def batch_sampler_for(data_cfg: DataConfig, caption_images: Sequence[int] | Sequence[Record], batch_size: int, *,
+                      lengths: Sequence[int] | None = None,
+                      on_epoch: Callable[[int, int], None] | None = None) -> Any:
+    """The trainer's ``batch_sampler_factory`` that ``data.batch_sampler`` names (global batches; see
+    :class:`~vgskit.data.loader.PairedBatches` and :class:`~vgskit.data.loader.ShuffledBatches`)."""
+    from vgskit.data.loader import ShuffledBatches
+
+    if data_cfg.batch_sampler == "shuffled":
+        return ShuffledBatches(len(caption_images), batch_size, on_epoch=on_epoch)
+    return paired_batch_sampler_factory(caption_images, batch_size, data_cfg.captions_per_image, lengths=lengths,
+                                        on_epoch=on_epoch)
+
+
 def _check_training_data(train_cfg: TrainConfig, data_cfg: DataConfig, manifest_path: Path, train_records: Sequence[Record],
                          world_size: int) -> list[Record]:
     """The recipe against the manifest, before the model is built or any file decoded; returns the val records.
@@ -489,7 +514,10 @@ def _check_training_data(train_cfg: TrainConfig, data_cfg: DataConfig, manifest_
         raise ConfigError(f"train.batch_size: {train_cfg.batch_size} cannot be split evenly over {world_size} "
                           "processes; use a multiple of the number of processes")
     per_image = data_cfg.captions_per_image
-    sampler = paired_batch_sampler_factory(train_records, train_cfg.batch_size, per_image)
+    if data_cfg.batch_sampler == "shuffled" and len(train_records) < train_cfg.batch_size:
+        raise ConfigError(f"train.batch_size: {train_cfg.batch_size} captions per batch, but split "
+                          f"{data_cfg.train_split!r} of {manifest_path} has {len(train_records)}: not one full batch")
+    sampler = batch_sampler_for(data_cfg, train_records, train_cfg.batch_size)
     per_epoch = sampler.num_batches()
     if per_epoch == 0:
         counts: dict[str, int] = {}

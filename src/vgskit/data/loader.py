@@ -508,6 +508,44 @@ class PairedBatches:
         )
 
 
+class ShuffledBatches:
+    """All captions shuffled uniformly and cut into full global batches (``data.batch_sampler: shuffled``).
+
+    One item is one caption with its image; a new permutation every epoch, a pure function of ``(seed, epoch)``,
+    so every process and every resumed run cut the same global batches (the trainer shards them); the last
+    partial batch is dropped. Unlike :class:`PairedBatches`, the images of a batch are not kept distinct: two
+    captions of one image can meet (the losses mask or share such pairs). This is how a plain shuffled
+    ``DataLoader(drop_last=True)`` over captions batches, e.g. the SpeechCLIP reference.
+
+    Args:
+        num_captions: captions of the training split.
+        batch_size: captions per global batch.
+        on_epoch: called as ``on_epoch(epoch, seed)`` before each epoch's batches (a dataset's ``set_epoch``).
+    """
+
+    def __init__(self, num_captions: int, batch_size: int, on_epoch: Callable[[int, int], None] | None = None):
+        if batch_size < 1 or num_captions < batch_size:
+            raise ConfigError(f"ShuffledBatches: {num_captions} captions cannot fill one batch of {batch_size}")
+        self.num_captions, self.batch_size, self.on_epoch = int(num_captions), int(batch_size), on_epoch
+
+    def num_batches(self, epoch: int = 0) -> int:
+        """Full batches per epoch (the same every epoch)."""
+        return self.num_captions // self.batch_size
+
+    def __call__(self, epoch: int, seed: int) -> list[list[int]]:
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, seed)
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        order = torch.randperm(self.num_captions, generator=g).tolist()
+        n = self.num_batches(epoch) * self.batch_size
+        return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+
+#: ``data.batch_sampler`` values: ``paired`` (:class:`PairedBatches`, distinct images, ``captions_per_image`` each)
+#: or ``shuffled`` (:class:`ShuffledBatches`).
+BATCH_SAMPLERS = ("paired", "shuffled")
+
+
 def paired_batch_sampler_factory(
     caption_image_idx: Sequence[int] | Sequence[Record],
     batch_size: int,

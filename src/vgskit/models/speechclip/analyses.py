@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
+
+from vgskit.data.loader import ShuffledBatches
 
 __all__ = [
     "AttentionPlot",
@@ -152,35 +153,6 @@ def keyword_slot_top_subwords(top1_tokens: Sequence[Sequence[Hashable]], top_n: 
 # ---------------------------------------------------------------------------------------------------------
 
 
-class ShuffledCaptionBatches:
-    """Batches as the reference forms them: all captions shuffled uniformly, cut into full batches.
-
-    One item is one caption with its image; a new permutation every epoch, a pure function of ``(seed,
-    epoch)``; the last partial batch is dropped. Unlike :func:`vgskit.data.loader.paired_batch_sampler`,
-    images are not kept distinct within a batch (the loss treats other captions of the same image as
-    positives, so they only leave the denominators).
-
-    Args:
-        num_captions: captions of the training split.
-        batch_size: captions per global batch.
-        on_epoch: called as ``on_epoch(epoch, seed)`` before each epoch's batches (e.g. a dataset's
-            ``set_epoch`` for random crops).
-    """
-
-    def __init__(self, num_captions: int, batch_size: int,
-                 on_epoch: Callable[[int, int], None] | None = None):
-        if batch_size < 1 or num_captions < batch_size:
-            raise ValueError(f"ShuffledCaptionBatches: {num_captions} captions cannot fill one batch of {batch_size}")
-        self.num_captions, self.batch_size, self.on_epoch = int(num_captions), int(batch_size), on_epoch
-
-    def num_batches(self, epoch: int = 0) -> int:
-        """Full batches per epoch (the same every epoch)."""
-        return self.num_captions // self.batch_size
-
-    def __call__(self, epoch: int, seed: int) -> list[list[int]]:
-        if self.on_epoch is not None:
-            self.on_epoch(epoch, seed)
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        order = torch.randperm(self.num_captions, generator=g).tolist()
-        n = self.num_batches(epoch) * self.batch_size
-        return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+#: The reference's batches (all captions shuffled, full batches): the data pipeline's
+#: :class:`~vgskit.data.loader.ShuffledBatches`, which ``data.batch_sampler: shuffled`` gives the trainer.
+ShuffledCaptionBatches = ShuffledBatches
