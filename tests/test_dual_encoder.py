@@ -307,3 +307,33 @@ def test_dual_encoder_option_errors() -> None:
         create_model("dual_encoder_tiny", image_pool="median")
     with pytest.raises(ConfigError, match="audio_context_layers"):
         create_model("dual_encoder_tiny", audio_context_layers=-1)
+
+
+@pytest.mark.parametrize("batch", [9, 11, 13])
+def test_image_tower_backward_for_odd_batches_on_two_threads(batch: int) -> None:
+    """Batches of any size train: a strided 1x1 convolution's CPU backward once crashed the process for some odd
+    batch sizes on two threads (shuffled batches give any number of distinct images); the shortcut is the same
+    function computed another way."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(2); torch.manual_seed(0)\n"
+            "from vgskit.models import create_model\n"
+            "m = create_model('dual_encoder_tiny'); s = m.image_transform['size']\n"
+            f"m.encode_image(torch.randn({batch}, 3, s, s)).sum().backward(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-500:]
+
+
+def test_strided_shortcut_equals_a_strided_1x1_convolution() -> None:
+    from torch import nn
+
+    from vgskit.layers import ResBlock2d
+
+    torch.manual_seed(0)
+    block = ResBlock2d(8, 16, stride=2)
+    x = torch.randn(3, 8, 16, 16)
+    strided = nn.Conv2d(8, 16, 1, 2)
+    strided.load_state_dict(block.shortcut.state_dict())  # the same parameters as before: checkpoints still load
+    with torch.no_grad():
+        torch.testing.assert_close(block.shortcut(x[:, :, ::2, ::2]), strided(x), rtol=0, atol=1e-6)

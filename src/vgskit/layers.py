@@ -160,8 +160,13 @@ class ResBlock2d(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
         self.norm2 = nn.GroupNorm(min(groups, out_channels), out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        # The projection shortcut is a 1x1 convolution with stride ``stride``, computed as the stride-1 convolution
+        # of the subsampled input (the same weights and the same numbers): torch 2.14's CPU backward of a strided
+        # 1x1 convolution over channels-last input corrupts memory for some batch sizes with more than one thread
+        # (a crash, measured with 11 images of 16x16 on 2 threads).
+        self.shortcut_stride = stride
         self.shortcut: nn.Module = (
-            nn.Conv2d(in_channels, out_channels, 1, stride)
+            nn.Conv2d(in_channels, out_channels, 1)
             if stride != 1 or in_channels != out_channels
             else nn.Identity()
         )
@@ -171,7 +176,8 @@ class ResBlock2d(nn.Module):
         # x: [B, C_in, H, W] -> [B, C_out, H/stride, W/stride]
         h = self.conv1(F.gelu(self.norm1(x)))
         h = self.conv2(F.gelu(self.norm2(h)))
-        return self.shortcut(x) + h
+        s = self.shortcut_stride
+        return self.shortcut(x[:, :, ::s, ::s] if s != 1 else x) + h
 
 
 class AttentionPool1d(nn.Module):
