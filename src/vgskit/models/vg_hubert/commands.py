@@ -76,7 +76,10 @@ def plot_segments(items: Sequence[SegmentedUtterance], out: str | Path, title: s
         raise VGSKitError(f"--plot {out}: nothing to plot (no file could be segmented)")
     fig, axes = plt.subplots(len(items), 1, figsize=(10, 2.4 * len(items)), squeeze=False)
     left, right = PLOT_AXES_X
-    fig.subplots_adjust(left=left, right=right, top=0.9 if title else 0.95, bottom=0.08, hspace=0.6)
+    # Margins in inches, so that the figure title and the first file's title never overlap, whatever the count.
+    height = 2.4 * len(items)
+    fig.subplots_adjust(left=left, right=right, top=1 - (0.62 if title else 0.32) / height, bottom=0.4 / height,
+                        hspace=0.6)
     for ax, item in zip(axes[:, 0], items, strict=True):
         wav = np.asarray(item.wav, dtype=np.float32)
         duration = len(wav) / float(item.sample_rate)
