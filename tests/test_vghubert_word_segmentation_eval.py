@@ -60,6 +60,18 @@ class FixedSegmenter(nn.Module):
         return [SimpleNamespace(boundaries=boundaries) for _ in range(wavs.shape[0])]
 
 
+def tiny_vg_hubert() -> nn.Module:
+    """The vg_hubert_scenes preset with tiny random-weight towers (8-pixel images, width 16)."""
+    hubert = {"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 32, "conv_dim": [8] * 7, "num_conv_pos_embeddings": 8,
+              "num_conv_pos_embedding_groups": 2}
+    vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 32}
+    torch.manual_seed(0)
+    return create_model("vg_hubert_scenes", speech={"architecture": hubert}, image={"architecture": vit},
+                        embed_dim=8, segment_layer=1)
+
+
 def test_equal_length_segments_tile_the_utterance() -> None:
     assert equal_length_segments(1.5, 3) == [(0.0, 0.5), (0.5, 1.0), (1.0, 1.5)]
     assert equal_length_segments(2.0, 0) == []
@@ -133,14 +145,7 @@ def test_clear_errors_without_words_or_without_a_segmenter(tmp_path) -> None:
 
 
 def test_runs_through_the_generic_evaluator_with_a_real_vg_hubert(tmp_path) -> None:
-    hubert = {"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 32, "conv_dim": [8] * 7, "num_conv_pos_embeddings": 8,
-              "num_conv_pos_embedding_groups": 2}
-    vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 32}
-    torch.manual_seed(0)
-    model = create_model("vg_hubert_scenes", speech={"architecture": hubert}, image={"architecture": vit},
-                         embed_dim=8, segment_layer=1)
+    model = tiny_vg_hubert()
     ds = SpokenCaptionDataset(_records(tmp_path, [{"words": WORDS}, {"words": WORDS[:2]}, {}]), image_size=8)
     result = evaluate(model, ds, extras={"word_segmentation": {"quantile": 0.5, "tolerance_ms": 30}}, batch_size=2)
     seg = result["word_segmentation"]
@@ -158,14 +163,7 @@ def test_vgskit_eval_word_segmentation_on_the_command_line(tmp_path, capsys) -> 
     from vgskit.data.manifest import write_manifest
     from vgskit.models.registry import save_pretrained
 
-    hubert = {"model_type": "hubert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-              "intermediate_size": 32, "conv_dim": [8] * 7, "num_conv_pos_embeddings": 8,
-              "num_conv_pos_embedding_groups": 2}
-    vit = {"model_type": "vit", "image_size": 8, "patch_size": 4, "hidden_size": 16, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 32}
-    torch.manual_seed(0)
-    save_pretrained(create_model("vg_hubert_scenes", speech={"architecture": hubert}, image={"architecture": vit},
-                                 embed_dim=8, segment_layer=1), tmp_path / "model")
+    save_pretrained(tiny_vg_hubert(), tmp_path / "model")
     manifest = tmp_path / "m.jsonl"
     write_manifest(_records(tmp_path, [{"words": WORDS}, {"words": WORDS[:2]}, {}]), manifest)
     out = tmp_path / "r.json"

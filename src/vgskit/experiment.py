@@ -372,11 +372,14 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     if not is_main():
         manifest_path = resolve_manifest(data_cfg, progress=False)
     train_records = read_manifest(manifest_path, split=data_cfg.train_split)
-    val_records = _check_training_data(train_cfg, data_cfg, manifest_path, train_records, dist_info.world_size)
+    # Every split, read once without checking files: the split names and the transcripts that
+    # adapt_config_to_corpus may read (a missing test-split file must not stop a training run).
+    all_records = read_manifest(manifest_path, check_files=False)
+    val_records = _check_training_data(train_cfg, data_cfg, manifest_path, train_records, dist_info.world_size,
+                                       all_records)
 
     model_d = adapt_model_config(model_name, model_d, train_records, source=f"{manifest_path} "
-                                 f"(split {data_cfg.train_split!r})",
-                                 corpus_records=read_manifest(manifest_path))
+                                 f"(split {data_cfg.train_split!r})", corpus_records=all_records)
     # Same seed on every process: identical initial weights, and the same run twice starts identically.
     torch.manual_seed(train_cfg.seed)
     model = create_model(model_name, **model_d)
@@ -497,14 +500,14 @@ def batch_sampler_for(data_cfg: DataConfig, caption_images: Sequence[int] | Sequ
 
 
 def _check_training_data(train_cfg: TrainConfig, data_cfg: DataConfig, manifest_path: Path, train_records: Sequence[Record],
-                         world_size: int) -> list[Record]:
+                         world_size: int, all_records: Sequence[Record]) -> list[Record]:
     """The recipe against the manifest, before the model is built or any file decoded; returns the val records.
 
     Refused: a validation split with no records (validation runs at least at the end, and picks ``best/``),
     a batch the training split cannot fill once (too few images with ``captions_per_image`` captions), a
     global batch that the processes cannot share evenly, and a warm-up longer than the run its epochs give.
     """
-    splits = sorted({r.split for r in read_manifest(manifest_path, check_files=False)})
+    splits = sorted({r.split for r in all_records})
     if data_cfg.val_split not in splits:
         raise ConfigError(f"data.val_split: no records with split {data_cfg.val_split!r} in {manifest_path} (splits "
                           f"present: {', '.join(splits)}); validation needs them (set data.val_split, or data.corpus "
