@@ -9,6 +9,7 @@ the tiny local towers of ``tests/_tiny_speechclip.py``); a registered name witho
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def region_file(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def _dataset_for(model: RetrievalModel, manifest: Path, split: str, regions: Path | None) -> SpokenCaptionDataset:
     return make_dataset(manifest, split, model.image_transform, max_seconds=2.0, preload=True, progress=False,
-                        regions=regions if model.image_input == "regions" else None)
+                        regions=regions if model.image_input == "regions" else None, speech_input=model.speech_input)
 
 
 # ------------------------------------------------------------------------------------------ tiny builders
@@ -164,6 +165,35 @@ _SCENES_IMAGE = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden
                  "num_attention_heads": 2, "intermediate_size": 48}
 
 
+# MILAN's text dual encoder on units learnt from a few captions of the tiny corpus's grammar (dropout off: six
+# steps on one batch must lower the loss).
+_TEXT_UNITS = {"num_merges": 40, "min_frequency": 1}
+_TEXTS = ["a small red dress to the left of a blue bag", "a green sneaker above a white sandal and a pink shirt"]
+
+
+def _milan_text(name: str, **sizes: Any) -> Callable[[Towers], RetrievalModel]:
+    def build(t: Towers) -> RetrievalModel:
+        from vgskit.models.milan.text import MilanText
+
+        config = MilanText.adapt_config_to_corpus({**_TEXT_UNITS, **sizes, "dropout": 0.0}, _TEXTS, model_name=name)
+        return create_model(name, **config)
+
+    return build
+
+
+_TINY_TEXT_MODEL: dict[str, str] = {}
+
+
+def _asr_cascade(t: Towers) -> RetrievalModel:
+    """The cascade over a saved tiny text model, reading transcripts (no recogniser needed for the contract)."""
+    if "folder" not in _TINY_TEXT_MODEL:
+        folder = tempfile.mkdtemp(prefix="vgskit-tiny-text-")
+        torch.manual_seed(0)
+        save_pretrained(_milan_text("milan_text_small")(t), folder)
+        _TINY_TEXT_MODEL["folder"] = folder
+    return create_model("asr_cascade", text_model=_TINY_TEXT_MODEL["folder"], asr={"kind": "transcripts"})
+
+
 TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
     "fast_vgs": _fast_vgs,
     "fast_vgs_tiny": _fast_vgs,
@@ -182,6 +212,12 @@ TINY_BUILDERS: dict[str, Callable[[Towers], RetrievalModel]] = {
         resnet={"depths": (1, 1), "widths": (8, 16), "strides": (1, 2), "expansion": 2, "stem_channels": 16},
         image={"weights": None, "image_size": 32}, embed_dim=16),
     "milan_small": lambda t: create_model("milan_small"),
+    "milan_text": _milan_text("milan_text", width=16, heads=2, ffn_width=32, transformer_layers=1, embed_dim=16,
+                              image={"weights": None, "image_size": 32}),
+    "milan_text_small": _milan_text("milan_text_small"),
+    "asr_cascade": _asr_cascade,
+    "clip_text_zero_shot": lambda t: create_model("clip_text_zero_shot", text={"name_or_path": str(t.clip)},
+                                                  image={"name_or_path": str(t.clip)}),
     **{f"speechclip_{b}_{s}": _speechclip(b) for b in ("parallel", "cascaded") for s in ("base", "large")},
     **{name: _vg_hubert(name) for name in ("vg_hubert", "vg_hubert_m", "vg_hubert_tiny")},
     **{name: _sg_mim(name) for name in ("sg_mim", "sg_mim_tiny")},

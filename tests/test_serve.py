@@ -151,8 +151,10 @@ def test_indices_healthz_and_docs(client, gallery):
     r = client.get("/indices")
     assert r.status_code == 200
     assert r.json() == {"default": "demo", "indices": [
-        {"name": "demo", "count": 4, "embed_dim": 32, "model": model_identity(gallery["model"])},
-        {"name": "second", "count": 2, "embed_dim": 32, "model": model_identity(gallery["model"])}]}
+        {"name": "demo", "count": 4, "embed_dim": 32, "captions": 0, "index_kind": "exact", "recall_at_10": 1.0,
+         "rerank": False, "model": model_identity(gallery["model"])},
+        {"name": "second", "count": 2, "embed_dim": 32, "captions": 0, "index_kind": "exact", "recall_at_10": 1.0,
+         "rerank": False, "model": model_identity(gallery["model"])}]}
     assert r.json()["indices"][0]["model"] == recorded  # the identity index.json records
     assert client.get("/healthz").json() == {"status": "ok", "searches_running": 0, "max_concurrent_searches": 2}
     spec = client.get("/openapi.json").json()

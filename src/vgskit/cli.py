@@ -197,9 +197,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     overrides = apply_overrides({}, args.set) if args.set else None
     model = _load_model(args.checkpoint) if args.checkpoint is not None else model_for_evaluation(
         None, args.model, overrides)
-    per_split = evaluate_splits(model, args.manifest, splits, batch_size=args.batch_size, rerank_top=args.rerank_top,
-                                extras=extras, region_features=args.region_features,
-                                exhaustive_fine=args.exhaustive_fine)
+    from vgskit.precision import precision_scope
+
+    # evaluate_splits passes no precision down: the scope is the default of every evaluate() inside it.
+    with precision_scope(getattr(args, "precision", "fp32")):
+        per_split = evaluate_splits(model, args.manifest, splits, batch_size=args.batch_size,
+                                    rerank_top=args.rerank_top, extras=extras, region_features=args.region_features,
+                                    speech_features=args.speech_features,
+                                    exhaustive_fine=args.exhaustive_fine)
     if by_corpus:
         results: dict = per_split
         for split, split_results in per_split.items():
@@ -215,12 +220,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_index(args: argparse.Namespace) -> int:
+    import shutil
+
     from vgskit.experiment import build_index
+    from vgskit.retrieval.shards import build_options
 
     _output(args.out, "--out", folder=True)
     _input_file(args.manifest, "--manifest")
-    out = build_index(args.checkpoint, args.manifest, split=args.split, out_dir=args.out,
-                      region_features=args.region_features)
+    if args.workers < 1:
+        raise VGSKitError(f"--workers must be >= 1, got {args.workers}")
+    if not args.memory_budget_mb > 0:
+        raise VGSKitError(f"--memory-budget-mb must be positive, got {args.memory_budget_mb}")
+    # Finished shards wait here until the index is saved: a rerun after an interruption reuses them.
+    work = Path(args.work_dir) if args.work_dir else Path(args.out).with_name(Path(args.out).name + ".work")
+    from vgskit.precision import precision_scope
+
+    with build_options(workers=args.workers, work_dir=work, index_kind=args.index_kind,
+                       memory_budget_mb=args.memory_budget_mb, captions=not args.no_captions), \
+            precision_scope(args.precision):
+        out = build_index(args.checkpoint, args.manifest, split=args.split, out_dir=args.out,
+                          region_features=args.region_features)
+    shutil.rmtree(work, ignore_errors=True)
+    meta = json.loads((Path(out) / "index.json").read_text(encoding="utf-8"))
+    info = meta["index"]
+    line = f"{meta['count']} images, index {info['kind']}"
+    if info["kind"] != "exact":
+        line += (f" ({', '.join(f'{k}={v}' for k, v in info['params'].items())}), recall@10 vs exact "
+                 f"{info['recall_at_10']} on {info['recall_queries']} sampled queries")
+    if "captions" in meta:
+        line += f", {meta['captions']['count']} spoken captions"
+    print(line)
     print(out)
     return 0
 
@@ -308,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default=None, help="split to evaluate (default: test, or the corpus's test splits)")
     e.add_argument("--corpus", default=None, help="evaluate every split this corpus's papers report on")
     e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="fp32 (default) or bf16 autocast for the embedding passes; bf16 runs where the CPU/GPU has "
+                        "native bf16 and falls back to fp32 with a warning elsewhere; embeddings are scored in fp32")
     e.add_argument("--rerank-top", type=int, default=None,
                    help="coarse-to-fine: re-rank the N best coarse candidates of every query with the model's "
                         "fine scorer (models with score_pairs); the coarse recall is printed beside it")
@@ -317,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--region-features", default=None,
                    help="HDF5 file of the images' region features (models that read regions); 'scene_boxes' with a "
                         "spoken-scenes manifest: the generator's boxes with EfficientNet-Lite0 features")
+    e.add_argument("--speech-features", default=None,
+                   help="precomputed speech frames by caption id (models that read features, e.g. MILAN with "
+                        "frontend.kind features): an HDF5 file, or a folder of <caption_id>.npy with meta.json")
     from vgskit.extensions import get_evaluation, list_evaluations
 
     for name in list_evaluations():  # the families' own evaluations add their flags
@@ -334,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--region-features", default=None,
                    help="HDF5 file of the images' region features (models that read regions); 'scene_boxes' with a "
                         "spoken-scenes manifest: the generator's boxes with EfficientNet-Lite0 features")
+    i.add_argument("--workers", type=int, default=1,
+                   help="processes embedding shards of the image list in parallel (default: 1)")
+    i.add_argument("--work-dir", default=None,
+                   help="folder for finished shards, reused by a rerun after an interruption (default: OUT.work, "
+                        "removed once the index is saved)")
+    i.add_argument("--index-kind", choices=["auto", "exact", "hnsw", "ivfpq"], default="auto",
+                   help="exact scan, or an approximate FAISS index (needs the 'faiss' extra); auto: exact up to "
+                        "128 MiB of embeddings, then HNSW or IVF-PQ by size and --memory-budget-mb")
+    i.add_argument("--memory-budget-mb", type=float, default=1024.0,
+                   help="memory the approximate index may use, in MiB (default: 1024)")
+    i.add_argument("--no-captions", action="store_true",
+                   help="leave the spoken captions out (no image -> speech search; faster to build)")
+    i.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="embed the gallery in bf16 where the CPU has it natively (fp32 fallback with a warning)")
     i.set_defaults(func=_cmd_index)
 
     s = sub.add_parser("search", help="search an index with spoken queries (audio files)")

@@ -30,9 +30,12 @@ from vgskit.errors import ConfigError
 
 #: Speech input kinds. ``waveform``: mono float samples ``[B, T]``; ``features``: frame features ``[B, T, F]``
 #: (e.g. filterbanks computed elsewhere); ``tower_states``: cached outputs of a frozen speech tower,
-#: ``[B, L, T, D]`` per layer (or pooled ``[B, L, D]``).
-SpeechKind = Literal["waveform", "features", "tower_states"]
-SPEECH_KINDS: tuple[str, ...] = ("waveform", "features", "tower_states")
+#: ``[B, L, T, D]`` per layer (or pooled ``[B, L, D]``); ``text``: the captions' transcripts instead of their
+#: audio (text towers, the ground-truth-text topline of a speech → ASR → text cascade), UTF-8 bytes ``[B, L]``
+#: (uint8, zero-padded) — bytes rather than strings so that padding, row selection, device moves and the
+#: per-process slicing of a batch treat them like any other tensor.
+SpeechKind = Literal["waveform", "features", "tower_states", "text"]
+SPEECH_KINDS: tuple[str, ...] = ("waveform", "features", "tower_states", "text")
 #: Image input kinds. ``pixels``: normalised images ``[B, 3, S, S]``; ``regions``: detector region features
 #: ``[B, N, F]`` with normalised boxes ``[B, N, 4]`` and a validity mask ``[B, N]``; ``tower_outputs``: cached
 #: outputs of a frozen image tower, one flat vector per image ``[B, K]``.
@@ -78,7 +81,7 @@ class SpeechInputs(_Moveable):
     def __post_init__(self) -> None:
         if self.kind not in SPEECH_KINDS:
             raise ConfigError(f"SpeechInputs.kind: must be one of {SPEECH_KINDS}, got {self.kind!r}")
-        want = {"waveform": (2,), "features": (3,), "tower_states": (3, 4)}[self.kind]
+        want = {"waveform": (2,), "features": (3,), "tower_states": (3, 4), "text": (2,)}[self.kind]
         if self.values.dim() not in want:
             raise ConfigError(f"SpeechInputs({self.kind}): values must have {' or '.join(map(str, want))} "
                               f"dimensions, got shape {tuple(self.values.shape)}")
@@ -88,8 +91,8 @@ class SpeechInputs(_Moveable):
 
     @property
     def unit(self) -> str:
-        """``"samples"`` or ``"frames"``: the unit of :attr:`lengths`."""
-        return "samples" if self.kind == "waveform" else "frames"
+        """``"samples"``, ``"bytes"`` (text) or ``"frames"``: the unit of :attr:`lengths`."""
+        return {"waveform": "samples", "text": "bytes"}.get(self.kind, "frames")
 
     def __len__(self) -> int:
         return int(self.values.shape[0])
@@ -103,6 +106,23 @@ class SpeechInputs(_Moveable):
     def waveform(cls, wavs: Tensor, lengths: Tensor, sample_rate: float = 16000.0) -> SpeechInputs:
         """Waveforms ``[B, T]`` with ``lengths [B]`` in samples."""
         return cls("waveform", wavs, lengths, float(sample_rate))
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> SpeechInputs:
+        """Transcripts as a ``text`` batch: UTF-8 bytes ``[B, L]`` (uint8, zero-padded), ``lengths [B]`` in bytes."""
+        encoded = [str(t).encode("utf-8") for t in texts]
+        values = torch.zeros(len(encoded), max([len(e) for e in encoded] + [1]), dtype=torch.uint8)
+        for row, e in enumerate(encoded):
+            if e:
+                values[row, : len(e)] = torch.frombuffer(bytearray(e), dtype=torch.uint8)
+        return cls("text", values, torch.tensor([len(e) for e in encoded], dtype=torch.long), 0.0)
+
+    def texts(self) -> list[str]:
+        """The transcripts of a ``text`` batch (the inverse of :meth:`from_texts`)."""
+        if self.kind != "text":
+            raise ConfigError(f"SpeechInputs.texts: a {self.kind} batch holds no text")
+        data = self.values.to("cpu", torch.uint8)
+        return [bytes(data[row, : int(n)].tolist()).decode("utf-8") for row, n in enumerate(self.lengths.tolist())]
 
 
 @dataclass
@@ -189,6 +209,18 @@ class Batch(_Moveable):
 
     def __len__(self) -> int:
         return len(self.speech)
+
+    def select(self, rows: Tensor | Sequence[int]) -> Batch:
+        """The rows ``rows`` of every part (speech, image, ids, and each per-row list of ``extras``)."""
+        index = torch.as_tensor(rows, dtype=torch.long).cpu()
+        picked = index.tolist()
+        return Batch(
+            speech=self.speech.select(index),
+            image=self.image.select(index),
+            image_ids=self.image_ids[index.to(self.image_ids.device)],
+            caption_ids=self.caption_ids[index.to(self.caption_ids.device)],
+            extras={name: [values[i] for i in picked] for name, values in self.extras.items()},
+        )
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ import torch
 from vgskit.data.augment import AugmentConfig
 from vgskit.data.loader import (
     RegionSource,
+    SpeechFeatureSource,
     SpokenCaptionDataset,
     collate_spoken_captions,
     paired_batch_sampler_factory,
@@ -88,6 +90,10 @@ class DataConfig:
             ``scene_boxes`` with the embedded corpus: the scene generator's object boxes with ImageNet
             EfficientNet-Lite0 features pooled over each (:mod:`vgskit.data.scene_regions`; made once per corpus).
         num_regions: regions per image (most confident first; fewer are zero-padded and masked).
+        speech_features: precomputed speech frames for every caption (models that read ``features``, e.g. MILAN
+            with ``frontend.kind: features``): an HDF5 file with one ``[T, F]`` dataset per caption id and
+            ``frame_rate`` in its attributes, or a folder of ``<caption_id>.npy`` with a ``meta.json`` giving
+            ``frame_rate`` (:class:`~vgskit.data.loader.SpeechFeatureSource`); audio is then never decoded.
         extra_fields: manifest fields beyond the schema that batches carry (``Batch.extras``).
         train_augment: the train-time image augmentation (:class:`vgskit.data.augment.AugmentConfig`, e.g.
             ``{kind: crop_flip, scale: [0.08, 1.0]}``: RandomResizedCrop + horizontal flip); evaluation and
@@ -116,6 +122,7 @@ class DataConfig:
     feature_cache_batch_size: int = 16
     region_features: str | None = None
     num_regions: int = 36
+    speech_features: str | None = None
     extra_fields: list[str] = field(default_factory=list)
     train_augment: AugmentConfig = field(default_factory=AugmentConfig)
     rerank_top: int | None = None
@@ -212,16 +219,22 @@ def make_dataset(manifest: str | Path, split: str, image_transform: Mapping[str,
                  progress: bool = True, crop: str = "head", crop_seed: int = 0,
                  records: Sequence[Record] | None = None, regions: str | RegionSource | None = None,
                  num_regions: int = 36, extra_fields: Sequence[str] = (),
-                 augment: AugmentConfig | None = None) -> SpokenCaptionDataset:
+                 augment: AugmentConfig | None = None, speech_input: str = "waveform",
+                 speech_features: str | SpeechFeatureSource | None = None) -> SpokenCaptionDataset:
     """A split of a manifest as a dataset, with images preprocessed the way the model's weights expect.
 
     ``records`` (that split's records, already read) saves reading the manifest again. ``crop`` and
     ``crop_seed`` are :class:`~vgskit.data.loader.SpokenCaptionDataset`'s (random crops are for training).
     ``regions`` (an HDF5 file or a :class:`~vgskit.data.loader.RegionSource`) serves region features
-    instead of pixels; ``extra_fields`` are manifest fields the items carry.
+    instead of pixels; ``extra_fields`` are manifest fields the items carry. ``speech_input`` is the model's
+    (:attr:`~vgskit.models.base.RetrievalModel.speech_input`): ``"text"`` serves the manifest's transcripts.
+    ``speech_features`` (a file or folder, or a :class:`~vgskit.data.loader.SpeechFeatureSource`; see
+    :func:`speech_feature_source` for the checks against a model) serves precomputed frames instead of audio.
     """
     if isinstance(regions, (str, Path)):
         regions = RegionSource(regions, num_regions)
+    if isinstance(speech_features, (str, Path)):
+        speech_features = SpeechFeatureSource(speech_features)
     if records is None:
         records = read_manifest(manifest, split=split)
     records = list(records)
@@ -238,7 +251,8 @@ def make_dataset(manifest: str | Path, split: str, image_transform: Mapping[str,
         resize_mode=image_transform.get("resize_mode", "squash"),
         interpolation=image_transform.get("interpolation", "bilinear"), progress=progress,
         crop=crop, crop_seed=crop_seed, regions=regions, extra_fields=extra_fields,
-        augment=augment)  # type: ignore[arg-type]
+        augment=augment, speech_source="text" if speech_input == "text" else "audio",  # type: ignore[arg-type]
+        speech_features=speech_features)
 
 
 def flatten_metrics(results: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -390,6 +404,9 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     barrier()
     if not is_main():
         regions = _region_source(model, data_cfg, manifest_path, progress=False)
+    # Checked against the model and both splits now, not at the first validation.
+    speech_features = speech_feature_source(model, data_cfg.speech_features, [*train_records, *val_records],
+                                            option="data.speech_features")
 
     caches: dict[str, Any] = {}
     cache_summary: dict[str, Any] = {}
@@ -405,7 +422,8 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
     base_set = make_dataset(manifest_path, data_cfg.train_split, transform, records=train_records,
                             max_seconds=data_cfg.train_max_seconds, preload=False, crop=data_cfg.train_crop,
                             crop_seed=train_cfg.seed, progress=progress and is_main(), regions=regions,
-                            extra_fields=data_cfg.extra_fields, augment=data_cfg.train_augment)
+                            extra_fields=data_cfg.extra_fields, augment=data_cfg.train_augment,
+                            speech_input=model.speech_input, speech_features=speech_features)
     if data_cfg.preload:  # what a cache serves is not decoded
         base_set.preload(progress and is_main(), audio="speech" not in caches, images="image" not in caches)
     train_set: Any = base_set
@@ -436,7 +454,8 @@ def train_from_recipe(recipe: str | Path | Mapping[str, Any], *, out_dir: str | 
         if not val_sets:
             val_sets.append(make_dataset(manifest_path, data_cfg.val_split, transform, records=val_records,
                                          max_seconds=data_cfg.eval_max_seconds, preload=data_cfg.preload,
-                                         max_images=data_cfg.val_max_images, progress=False, regions=regions))
+                                         max_images=data_cfg.val_max_images, progress=False, regions=regions,
+                                         speech_input=model.speech_input, speech_features=speech_features))
         # Validation runs the real frozen towers on raw inputs: its numbers are those of the saved model.
         with swap.real_towers() if swap is not None else contextlib.nullcontext():
             results = evaluate(m, val_sets[0], batch_size=data_cfg.eval_batch_size, rerank_top=data_cfg.rerank_top,
@@ -559,6 +578,53 @@ def _region_source(model: Any, data_cfg: DataConfig, manifest: str | Path,
         raise ConfigError(f"data.region_features: model {name!r} reads {model.image_input}, not region features; "
                           "remove data.region_features")
     return None
+
+
+def reads_speech_features(model: Any) -> bool:
+    """Whether ``model`` reads precomputed frames (``SpeechInputs`` of kind ``features``): its ``speech_input`` says
+    so (a model whose input depends on its config sets it per instance, as MILAN with ``frontend.kind: features``)."""
+    return getattr(model, "speech_input", "waveform") == "features"
+
+
+def speech_feature_format(model: Any) -> tuple[int | None, float | None]:
+    """``(feature_dim, frame_rate)`` the model declares for precomputed frames (``None`` where it declares none):
+    ``speech_feature_dim`` / ``speech_frame_rate`` attributes, else those of its front-end (``width`` /
+    ``frame_rate``)."""
+    frontend = getattr(model, "frontend", None)
+    dim = getattr(model, "speech_feature_dim", None) or getattr(frontend, "width", None)
+    rate = getattr(model, "speech_frame_rate", None) or getattr(frontend, "frame_rate", None)
+    return (None if dim is None else int(dim)), (None if rate is None else float(rate))
+
+
+def speech_feature_source(model: Any, path: str | Path | None, records: Sequence[Record], *,
+                          option: str = "data.speech_features") -> SpeechFeatureSource | None:
+    """The precomputed speech frames a features model reads, checked against the model and ``records``.
+
+    Each mistake is a :class:`~vgskit.errors.ConfigError` naming ``option`` or the file: features for a model
+    that reads waveforms (or text), a features model without them, a missing file, utterances (caption ids of
+    ``records``) the file lacks, frames whose width differs from the model's ``feature_dim``, and a frame rate
+    other than the one the model declares. ``None`` for a model that does not read features.
+    """
+    name = getattr(model, "model_name", None) or type(model).__name__
+    if not reads_speech_features(model):
+        if path is not None:
+            raise ConfigError(f"{option}: model {name!r} reads {model.speech_input} speech inputs, not precomputed "
+                              f"features; remove {option} (or choose a front-end that reads features)")
+        return None
+    if path is None:
+        raise ConfigError(f"{option}: model {name!r} reads precomputed speech features; give the HDF5 file (or the "
+                          "folder of .npy files) of the captions' frames")
+    source = SpeechFeatureSource(path)
+    source.check_ids([r.caption_id for r in records])
+    dim, rate = speech_feature_format(model)
+    if dim is not None and source.feature_dim is not None and source.feature_dim != dim:
+        raise ConfigError(f"speech features {source.path}: frames are {source.feature_dim}-d, but model {name!r} "
+                          f"reads {dim}-d features (its feature_dim)")
+    if rate is not None and source.frame_rate is not None and not math.isclose(source.frame_rate, rate,
+                                                                                rel_tol=1e-6):
+        raise ConfigError(f"speech features {source.path}: frames are at {source.frame_rate:g} frames/s, but model "
+                          f"{name!r} reads {rate:g} frames/s (its feature_rate)")
+    return source
 
 
 def adapt_model_config(model_name: str, overrides: Mapping[str, Any], records: Sequence[Record], *,
@@ -702,7 +768,8 @@ def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, 
                     max_seconds: float | None = None, rerank_top: int | None = None,
                     extras: Sequence[str] | Mapping[str, Mapping[str, Any]] = (),
                     region_features: str | None = None, num_regions: int = 36,
-                    exhaustive_fine: bool = False) -> dict[str, dict[str, Any]]:
+                    exhaustive_fine: bool = False,
+                    speech_features: str | None = None) -> dict[str, dict[str, Any]]:
     """:func:`vgskit.retrieval.evaluate.evaluate` of ``model`` on each split of ``manifest``.
 
     What the model must offer for the requested ``extras``, ``rerank_top`` and ``exhaustive_fine`` is checked
@@ -727,10 +794,14 @@ def evaluate_splits(model: Any, manifest: str | Path, splits: Sequence[str], *, 
     regions = RegionSource(region_features, num_regions) if region_features else None
     if regions is None and model.image_input == "regions":
         raise ConfigError("--region-features: this model reads region features; give the HDF5 file of the images")
+    records = {split: read_manifest(manifest, split=split) for split in splits}
+    features = speech_feature_source(model, speech_features, [r for rs in records.values() for r in rs],
+                                     option="speech_features")
     results: dict[str, dict[str, Any]] = {}
     for split in splits:
         ds = make_dataset(manifest, split, model.image_transform, max_seconds=max_seconds, preload=True,
-                          regions=regions)
+                          regions=regions, speech_input=model.speech_input, records=records[split],
+                          speech_features=features)
         results[split] = evaluate(model, ds, batch_size=batch_size, rerank_top=rerank_top, extras=requested,
                                   source=f"{manifest} (split {split!r})", exhaustive_fine=exhaustive_fine)
     return results

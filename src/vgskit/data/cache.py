@@ -16,7 +16,8 @@ Layout of ``root/<tower_key>/``:
 * ``tower.json``: the tower description the key was hashed from, for people wondering what a folder holds.
 
 Keys. :func:`tower_key` hashes the tower's class, its configuration (vgskit and transformers), its
-preprocessing, a hash of every weight and buffer, and the :class:`ExtractionOptions`. Hashing the weights
+preprocessing, a hash of every weight and buffer, and the :class:`ExtractionOptions` (which include the
+precision the tower ran at: a bf16 cache has another key, so another folder, than the fp32 one). Hashing the weights
 rather than their file's name or mtime also catches re-initialised layers and in-memory edits. A cache
 built for another tower or other options therefore lives in another folder and is never reused by
 mistake; :func:`extract` also recomputes the key of the tower it is given and refuses a mismatch. Each item
@@ -68,6 +69,7 @@ from vgskit.errors import ConfigError, VGSKitError
 from vgskit.fileio import fsync_dir, write_text_atomic
 from vgskit.images import ImageTransform
 from vgskit.layers import ImageEncoderOutput, SpeechEncoderOutput, lengths_to_mask
+from vgskit.precision import autocast, resolve_precision, validate_precision
 
 # Format 2: written under the writer lock. Caches of format 1 may hold the interleaved appends of unlocked
 # concurrent writers, which cannot be told apart from good data, so they are not reused (another key, so
@@ -106,6 +108,10 @@ class ExtractionOptions:
             own ``transform``, else the :class:`~vgskit.images.ImageTransform` defaults). Training from a
             cache passes the model's ``image_transform`` here, so cached features come from exactly the
             pixels the live model would see.
+        precision: ``"fp32"`` or ``"bf16"``: the autocast the tower runs under (:mod:`vgskit.precision`;
+            stored features are float16 either way). Choose it with
+            :func:`~vgskit.precision.resolve_precision` for the extraction device, so that a machine without
+            native bf16 falls back to, and reuses, the fp32 cache.
     """
 
     kind: Kind = "speech"
@@ -113,10 +119,15 @@ class ExtractionOptions:
     pooled: bool = False
     max_seconds: float | None = None
     image_transform: ImageTransform | None = None
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.kind not in ("speech", "image"):
             raise ConfigError(f"ExtractionOptions.kind must be 'speech' or 'image', got {self.kind!r}")
+        try:
+            validate_precision(self.precision)
+        except ConfigError as exc:
+            raise ConfigError(f"ExtractionOptions.precision: {exc}") from None
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
             if not self.layers:
@@ -132,14 +143,16 @@ class ExtractionOptions:
                 object.__setattr__(self, "image_transform", ImageTransform.from_json(dict(self.image_transform)))
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-ready dict (``layers`` as a list; ``image_transform`` only when set, so that caches keyed
-        before the field existed keep their keys)."""
+        """JSON-ready dict (``layers`` as a list; ``image_transform`` only when set and ``precision`` only when
+        not fp32, so that caches keyed before these fields existed keep their keys)."""
         d = dataclasses.asdict(self)
         d["layers"] = None if self.layers is None else list(self.layers)
         if self.image_transform is None:
             del d["image_transform"]
         else:
             d["image_transform"] = self.image_transform.to_json()
+        if self.precision == "fp32":
+            del d["precision"]
         return d
 
     @classmethod
@@ -152,6 +165,7 @@ class ExtractionOptions:
             pooled=bool(data.get("pooled", False)),
             max_seconds=data.get("max_seconds"),
             image_transform=data.get("image_transform"),
+            precision=data.get("precision", "fp32"),
         )
 
 
@@ -213,13 +227,15 @@ def tower_key(
     layers: Sequence[int] | None = None,
     pooled: bool = False,
     max_seconds: float | None = None,
+    precision: str = "fp32",
 ) -> str:
     """Stable 16-hex-digit key of ``tower`` (config + weight hash) and the extraction options.
 
     Pass either ``options`` or the individual fields.
     """
     if options is None:
-        options = ExtractionOptions(kind, None if layers is None else tuple(layers), pooled, max_seconds)
+        options = ExtractionOptions(kind, None if layers is None else tuple(layers), pooled, max_seconds,
+                                    precision=precision)
     return _hash_json(tower_description(tower, options))
 
 
@@ -730,8 +746,9 @@ def _batches(items: list[str], size: int) -> Iterator[list[str]]:
 
 
 def _speech_batch(
-    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device
+    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device, precision: str | None = None
 ) -> list[dict[str, np.ndarray]]:
+    """Run the speech tower on ``paths`` at ``precision`` (``None``: the cache's) -> arrays to store."""
     from vgskit.audio import load_audio
 
     opts = cache.options
@@ -744,7 +761,8 @@ def _speech_batch(
     batch = torch.zeros(len(wavs), int(lengths.max()), dtype=torch.float32)
     for i, w in enumerate(wavs):
         batch[i, : len(w)] = torch.from_numpy(w)
-    out: SpeechEncoderOutput = tower(batch.to(device), lengths.to(device))
+    with autocast(precision or opts.precision, device):
+        out: SpeechEncoderOutput = tower(batch.to(device), lengths.to(device))
     states = out.hidden_states if out.hidden_states is not None else (out.last_hidden_state,)
     layers = _resolve_layers(opts.layers, len(states))
     cache.set_meta(
@@ -769,15 +787,17 @@ def _speech_batch(
 
 
 def _image_batch(
-    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device
+    cache: FeatureCache, tower: nn.Module, paths: list[str], device: torch.device, precision: str | None = None
 ) -> list[dict[str, np.ndarray]]:
+    """Run the image tower on ``paths`` at ``precision`` (``None``: the cache's) -> arrays to store."""
     from vgskit.images import load_image
 
     transform: ImageTransform = (
         cache.options.image_transform or getattr(tower, "transform", None) or ImageTransform()
     )
     pixels = torch.stack([transform(load_image(p)) for p in paths]).to(device)  # [B, 3, S, S]
-    out: ImageEncoderOutput = tower(pixels)
+    with autocast(precision or cache.options.precision, device):
+        out: ImageEncoderOutput = tower(pixels)
     pooled = out.pooled.float().cpu()  # [B, D']
     tokens = out.tokens.float().cpu()  # [B, N, D]
     meta: dict[str, Any] = {"kind": "image", "width": int(pooled.shape[-1])}
@@ -805,6 +825,7 @@ def extract(
     device: str | torch.device | None = None,
     check_key: bool = True,
     lock_timeout: float | None = DEFAULT_LOCK_TIMEOUT,
+    precision: str | None = None,
 ) -> int:
     """Run ``tower`` on the inputs the cache lacks and store its outputs; returns how many were extracted.
 
@@ -826,10 +847,24 @@ def extract(
         check_key: recompute :func:`tower_key` and refuse a tower that does not match the cache.
         lock_timeout: seconds to wait for another writer of the folder before raising
             :class:`FeatureCacheError` (naming the folder and the holder's pid); ``None``: no limit.
+        precision: the precision the caller wants (``"fp32"``/``"bf16"``), checked against the cache's
+            ``options.precision``, which is what the tower runs at (``None``: no check). A mismatch raises
+            :class:`FeatureCacheError`: features computed at one precision are never stored or reused as the
+            other's.
+
+    The tower runs under the cache's precision exactly, since the key records it. A bf16 cache on a CPU
+    without native bf16 is refused (:class:`ConfigError`): the fallback to fp32 belongs before the cache is
+    chosen (:func:`~vgskit.precision.resolve_precision`), so that the fp32 cache is the one extracted.
     """
     if batch_size < 1 or flush_every < 1:
         raise ConfigError(f"extract: batch_size and flush_every must be >= 1, got {batch_size}, {flush_every}")
     opts = cache.options
+    if precision is not None and validate_precision(precision) != opts.precision:
+        raise FeatureCacheError(
+            f"feature cache {cache.folder} holds {opts.precision} features, not {precision}; open the "
+            f"{precision} cache with FeatureCache.for_tower(root, tower, ExtractionOptions(..., "
+            f"precision={precision!r})), which lives in another folder"
+        )
     if check_key:
         key = tower_key(tower, opts)
         if key != cache.tower_key:
@@ -844,6 +879,12 @@ def extract(
         first = next(iter(tower.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
+    if opts.precision != "fp32":
+        try:
+            resolve_precision(opts.precision, device, strict=True)
+        except ConfigError as exc:
+            raise ConfigError(f"feature cache {cache.folder}: {exc} (resolve the precision with "
+                              "vgskit.precision.resolve_precision before choosing the cache)") from None
     run = _speech_batch if opts.kind == "speech" else _image_batch
     with cache.writing(timeout=lock_timeout, announce=progress):
         todo = [p for p in paths if p not in cache]  # after the reload: another writer may have done them
@@ -895,6 +936,12 @@ def extract(
 FP16_RTOL = 2.0**-11 * (1.0 + 2.0**-10)
 FP16_ATOL = 2.0**-25
 KERNEL_RTOL = 1e-2
+# With bf16 on either side (a bf16 cache, or a recomputation at another precision than the cache's), every
+# matrix product rounds its inputs to 8 significant bits (relative step 2**-8 ~ 0.4 %); another batch
+# composition or kernel flips some of those roundings, and the changes add up over a deep tower, so bf16
+# outputs move by a few percent of the activations' scale between runs and from the fp32 ones. Five times the
+# fp32 allowance still leaves another item's features (off by about rms(s)) far outside it.
+BF16_KERNEL_RTOL = 5e-2
 _SHOWN = 20  # problems, mismatches and skipped items listed by VerifyReport.format
 
 
@@ -1120,8 +1167,12 @@ def check_cache_structure(folder: str | os.PathLike[str]) -> VerifyReport:
     return report
 
 
-def _compare(stored: Tensor, fresh: np.ndarray, atol: float | None) -> tuple[float, int, str]:
-    """``(max abs diff, values outside the tolerance, detail)`` of one stored array and its recomputation."""
+def _compare(stored: Tensor, fresh: np.ndarray, atol: float | None,
+             rtol: float = KERNEL_RTOL) -> tuple[float, int, str]:
+    """``(max abs diff, values outside the tolerance, detail)`` of one stored array and its recomputation.
+
+    ``rtol`` is the kernel allowance used when ``atol`` is None (``BF16_KERNEL_RTOL`` when bf16 is involved).
+    """
     s = stored.double().numpy()
     if s.shape != fresh.shape:
         return math.inf, int(s.size), f"stored shape {list(s.shape)}, recomputed {list(fresh.shape)}"
@@ -1133,7 +1184,7 @@ def _compare(stored: Tensor, fresh: np.ndarray, atol: float | None) -> tuple[flo
     scale = np.abs(s)
     if atol is None:
         rms = float(np.sqrt(np.mean(s * s))) if s.size else 0.0
-        kernel = KERNEL_RTOL * (scale + rms)
+        kernel = rtol * (scale + rms)
     else:
         kernel = atol
     tol = FP16_RTOL * scale + FP16_ATOL + kernel
@@ -1152,6 +1203,7 @@ def verify_cache(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     check_key: bool = True,
+    precision: str | None = None,
 ) -> VerifyReport:
     """Check ``cache``'s structure, then recompute a seeded random sample of its items with ``tower``.
 
@@ -1167,6 +1219,8 @@ def verify_cache(
         batch_size: files per tower call.
         device: where to run the tower (default: where its parameters are).
         check_key: refuse a tower whose key is not the cache's.
+        precision: the precision to recompute at (``None``: the cache's own, recorded in its options). With
+            bf16 on either side the allowance is ``BF16_KERNEL_RTOL`` instead of ``KERNEL_RTOL``.
 
     Items whose input file is missing or changed since extraction (the cache no longer serves them) are
     listed as skipped, not as mismatches.
@@ -1178,6 +1232,8 @@ def verify_cache(
     if atol is not None and not atol >= 0:
         raise ConfigError(f"verify_cache: atol must be >= 0 or None, got {atol}")
     opts = cache.options
+    recompute_at = opts.precision if precision is None else validate_precision(precision)
+    rtol = KERNEL_RTOL if recompute_at == opts.precision == "fp32" else BF16_KERNEL_RTOL
     if check_key:
         key = tower_key(tower, opts)
         if key != cache.tower_key:
@@ -1187,6 +1243,9 @@ def verify_cache(
             )
     report = check_cache_structure(cache.folder)
     report.recomputed = True
+    if recompute_at != opts.precision:
+        report.notes.append(f"recomputed at {recompute_at}, the cache holds {opts.precision} features "
+                            f"(allowance {rtol:g} of each value plus the item's RMS)")
     entries = cache._index.items
     candidates: list[str] = []
     if inputs is None:
@@ -1226,7 +1285,8 @@ def verify_cache(
             for chunk in _batches(candidates, batch_size):
                 paths = [entries[k].source for k in chunk]
                 try:
-                    fresh: list[dict[str, np.ndarray] | None] = list(run(cache, tower, paths, device))
+                    fresh: list[dict[str, np.ndarray] | None] = list(run(cache, tower, paths, device,
+                                                                          recompute_at))
                 except FeatureCacheError as exc:  # the tower's metadata contradicts the cache's
                     report.problems.append(f"recomputing {paths[0]}: {exc}")
                     break
@@ -1234,7 +1294,7 @@ def verify_cache(
                     fresh = []
                     for path in paths:
                         try:
-                            fresh.append(run(cache, tower, [path], device)[0])
+                            fresh.append(run(cache, tower, [path], device, recompute_at)[0])
                         except FeatureCacheError:
                             raise
                         except VGSKitError as exc:
@@ -1252,7 +1312,7 @@ def verify_cache(
                             report.mismatches.append(
                                 CacheMismatch(k, path, name, str(cache._bin(name)), math.inf, 0, 0, detail))
                             continue
-                        diff, bad, detail = _compare(stored[name], np.asarray(arrays[name]), atol)
+                        diff, bad, detail = _compare(stored[name], np.asarray(arrays[name]), atol, rtol)
                         if bad:
                             report.mismatches.append(CacheMismatch(
                                 k, path, name, str(cache._bin(name)), diff, bad, int(stored[name].numel()), detail))

@@ -4,6 +4,7 @@
     vgskit cache verify FOLDER                        # structure only: the index against the data files
     vgskit cache verify FOLDER --model runs/x         # + recompute 16 random items with the checkpoint's tower
     vgskit cache verify FOLDER --model NAME --set speech_tower=DIR --sample 64 --seed 1
+    vgskit cache verify FOLDER --model runs/x --precision fp32   # recompute a bf16 cache at fp32
 
 ``FOLDER`` is one cache (``<data.feature_cache>/<tower_key>``) or the ``data.feature_cache`` folder itself,
 whose caches are all checked. A cache is written once and read by every later run, so a bad one does harm
@@ -35,6 +36,7 @@ from vgskit.data.cache import (
     verify_cache,
 )
 from vgskit.errors import VGSKitError
+from vgskit.precision import PRECISIONS
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +61,9 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                    help="absolute allowance for the tower's run-to-run variation (default: 1%% of each value "
                         "plus 1%% of the item's RMS); fp16 rounding is always allowed on top")
     v.add_argument("--device", default="cpu", help="where to run the tower (default cpu)")
+    v.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="precision to recompute at (default: the one the cache was built at, which its options "
+                        "record; bf16 on either side widens the allowance to bf16 rounding)")
     v.add_argument("--batch-size", type=int, default=8, help="files per tower call")
     v.add_argument("--json", default=None, help="also write the reports to this JSON file")
     i = sub.add_parser("info", help="what a feature cache holds: tower, options, items, data files, writer",
@@ -188,7 +193,7 @@ def _verify(args: argparse.Namespace) -> int:
         else:
             report = verify_cache(cache, tower.to(args.device), sample=None if args.all else args.sample,
                                   seed=args.seed, atol=args.atol, batch_size=args.batch_size, device=args.device,
-                                  check_key=False)
+                                  check_key=False, precision=getattr(args, "precision", None))
         reports.append(report)
         print(report.format(), flush=True)
     bad = sum(not r.ok for r in reports)
@@ -218,6 +223,7 @@ def _info(args: argparse.Namespace) -> int:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             lines.append(f"  tower: unknown (no readable {TOWER_NAME})")
         lines.append(f"  options: {json.dumps(cache.options.to_json(), default=str)}")
+        lines.append(f"  precision: {cache.options.precision} (the tower's autocast at extraction)")
         lines.append(f"  meta: {json.dumps(cache.meta, default=str)}")
         lines.append(f"  items: {len(cache)}")
         for name, values in sorted(cache.data_sizes.items()):

@@ -46,6 +46,8 @@ from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_PAD_MULTIPLE = 32 * 160
 CROP_MODES = ("head", "random")
+#: What a caption's "speech" is in a dataset: its audio, or its transcript (models that read text).
+SPEECH_SOURCES = ("audio", "text")
 #: Last entropy word of the random-crop seed, so crop offsets never share a stream with the batch sampler's
 #: ``default_rng([seed, epoch])``.
 CROP_STREAM = 0x63726F70
@@ -120,6 +122,119 @@ class RegionSource:
         return {"regions": regions, "boxes": boxes, "region_mask": mask}
 
 
+class SpeechFeatureSource:
+    """Precomputed speech frames of a dataset's captions, by caption (utterance) id (``data.speech_features``).
+
+    Two layouts: an HDF5 file with one ``[T, F]`` float dataset per utterance, named by the manifest's
+    caption id, and ``frame_rate`` (frames per second) in the attributes of the file or of each dataset; or a
+    folder of ``<caption_id>.npy`` arrays ``[T, F]`` with a ``meta.json`` holding ``{"frame_rate": ...}``.
+    Every utterance must have the same width ``F`` and rate. The HDF5 file is opened lazily in each process
+    (its handles cannot cross into loader workers); ``.npy`` files are read when an item is served.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.is_folder = self.path.is_dir()
+        if not self.is_folder and not self.path.is_file():
+            raise ConfigError(f"speech features {self.path}: file not found")
+        self._reader: Any = None
+        self.frame_rate = self._file_rate()  # None: per-utterance rates, read by check_ids
+        self.feature_dim: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}
+
+    def _open(self) -> Any:
+        if self._reader is None and not self.is_folder:
+            import h5py
+
+            try:
+                self._reader = h5py.File(self.path, "r")
+            except OSError as e:
+                raise ConfigError(f"speech features {self.path}: not a readable HDF5 file ({e})") from e
+        return self._reader
+
+    def _file_rate(self) -> float | None:
+        if self.is_folder:
+            meta = self.path / "meta.json"
+            if not meta.is_file():
+                raise ConfigError(f"speech features {self.path}: a folder of .npy features needs a meta.json "
+                                  'with {"frame_rate": <frames per second>}')
+            import json
+
+            try:
+                rate = json.loads(meta.read_text())["frame_rate"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"speech features {meta}: no frame_rate in it ({e!r})") from e
+            return self._check_rate(rate, str(meta))
+        rate = self._open().attrs.get("frame_rate")
+        return None if rate is None else self._check_rate(rate, str(self.path))
+
+    def _check_rate(self, rate: Any, where: str) -> float:
+        try:
+            value = float(np.asarray(rate).reshape(()))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"speech features {where}: frame_rate must be a number, got {rate!r}") from e
+        if not value > 0:
+            raise ConfigError(f"speech features {where}: frame_rate must be positive, got {value}")
+        return value
+
+    def _npy(self, utt_id: str) -> Path:
+        return self.path / f"{utt_id}.npy"
+
+    def __contains__(self, utt_id: str) -> bool:
+        if self.is_folder:
+            return self._npy(utt_id).is_file()
+        reader = self._open()
+        return utt_id in reader and hasattr(reader[utt_id], "shape")
+
+    def _shape_and_rate(self, utt_id: str) -> tuple[tuple[int, ...], float | None]:
+        if self.is_folder:
+            return tuple(np.load(self._npy(utt_id), mmap_mode="r").shape), self.frame_rate
+        found = self._open()[utt_id]
+        rate = found.attrs.get("frame_rate")
+        return tuple(found.shape), (self.frame_rate if rate is None else self._check_rate(rate, f"{self.path}:{utt_id}"))
+
+    def check_ids(self, utt_ids: Sequence[str]) -> None:
+        """Clear errors naming the file: utterances it lacks (how many, the first few), frames that are not
+        ``[T, F]`` or differ in width, and a missing or inconsistent frame rate. Sets :attr:`feature_dim` and
+        :attr:`frame_rate`."""
+        missing = [u for u in utt_ids if u not in self]
+        if missing:
+            shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise ConfigError(f"speech features {self.path}: no frames for {len(missing)} of {len(utt_ids)} "
+                              f"utterances ({shown})")
+        for u in utt_ids:
+            shape, rate = self._shape_and_rate(u)
+            if len(shape) != 2 or shape[1] < 1:
+                raise ConfigError(f"speech features {self.path}: utterance {u!r} has shape {shape}, expected "
+                                  "[frames, feature_dim]")
+            if self.feature_dim is None:
+                self.feature_dim = int(shape[1])
+            elif shape[1] != self.feature_dim:
+                raise ConfigError(f"speech features {self.path}: utterance {u!r} has {shape[1]}-d frames, others "
+                                  f"{self.feature_dim}-d")
+            if rate is None:
+                raise ConfigError(f"speech features {self.path}: no frame_rate attribute (on the file or on "
+                                  f"utterance {u!r})")
+            if self.frame_rate is None:
+                self.frame_rate = rate
+            elif rate != self.frame_rate:
+                raise ConfigError(f"speech features {self.path}: utterance {u!r} is at {rate} frames/s, others at "
+                                  f"{self.frame_rate}")
+
+    def num_frames(self, utt_id: str) -> int:
+        return self._shape_and_rate(utt_id)[0][0]
+
+    def frames(self, utt_id: str, start: int = 0, stop: int | None = None) -> Tensor:
+        """float32 frames ``[T, F]`` of one utterance, rows ``start:stop`` (only those are read)."""
+        if self.is_folder:
+            arr = np.load(self._npy(utt_id), mmap_mode="r")[start:stop]
+        else:
+            arr = self._open()[utt_id][start:stop]
+        return torch.from_numpy(np.array(arr, dtype=np.float32))  # a writable copy
+
+
 class SpokenCaptionDataset(Dataset):
     """Spoken captions with their images, one item per caption.
 
@@ -145,9 +260,18 @@ class SpokenCaptionDataset(Dataset):
             ``image_input`` is ``"regions"``); images are then never decoded.
         extra_fields: manifest fields (beyond the schema's) each item carries under ``extras`` and batches
             carry in :attr:`vgskit.contract.Batch.extras` (word alignments, ASR transcripts, ...).
+        speech_source: ``"audio"`` (default) or ``"text"``: serve each caption's transcript (the manifest's
+            ``text``) instead of its audio, as :class:`~vgskit.contract.SpeechInputs` of kind ``text``, for
+            models whose ``speech_input`` is ``"text"``; audio is then never decoded and crops do not apply.
+        speech_features: serve each caption's precomputed frames from this source (by caption id) instead of
+            its audio, for models that read ``features``; audio is then never decoded, ``max_seconds`` crops
+            ``round(max_seconds * frame_rate)`` frames (head or random window, as for audio), and frames are
+            read from the source when an item is served (``preload`` loads only the images).
 
     Items are dicts: ``wav`` (float32 ``[T]``), ``length`` (int), ``pixels`` (float32 ``[3, S, S]``),
-    ``image_index`` (int, index into :attr:`image_keys`) and ``caption_index`` (int, index into ``records``).
+    ``image_index`` (int, index into :attr:`image_keys`) and ``caption_index`` (int, index into ``records``);
+    with ``speech_features``, ``feats`` (float32 ``[T, F]``), ``length`` (frames) and ``frame_rate`` replace
+    ``wav`` and its length.
     """
 
     def __init__(
@@ -167,9 +291,26 @@ class SpokenCaptionDataset(Dataset):
         regions: RegionSource | None = None,
         extra_fields: Sequence[str] = (),
         augment: AugmentConfig | None = None,
+        speech_source: str = "audio",
+        speech_features: SpeechFeatureSource | None = None,
     ):
         if not records:
             raise ConfigError("SpokenCaptionDataset: no records")
+        if speech_source not in SPEECH_SOURCES:
+            raise ConfigError(f"SpokenCaptionDataset: speech_source must be one of {SPEECH_SOURCES}, "
+                              f"got {speech_source!r}")
+        if speech_source == "text":
+            untranscribed = [r.caption_id for r in records if not r.text]
+            if untranscribed:
+                raise ConfigError(
+                    f"SpokenCaptionDataset: the model reads transcripts, but {len(untranscribed)} of {len(records)} "
+                    f"captions have no 'text' in the manifest (first: {', '.join(untranscribed[:3])})")
+        self.speech_source = speech_source
+        if speech_features is not None and speech_source != "audio":
+            raise ConfigError(f"SpokenCaptionDataset: speech features replace audio, not {speech_source!r}")
+        self.speech_features = speech_features
+        if speech_features is not None:
+            speech_features.check_ids([r.caption_id for r in records])
         if image_size <= 0:
             raise ConfigError(f"SpokenCaptionDataset: image_size must be positive, got {image_size}")
         if crop not in CROP_MODES:
@@ -180,6 +321,10 @@ class SpokenCaptionDataset(Dataset):
         self.image_size = image_size
         self.sample_rate = sample_rate
         self.max_samples = None if max_seconds is None else int(round(max_seconds * sample_rate))
+        # The same crop in frames when precomputed features stand for the audio.
+        self.max_frames = None
+        if max_seconds is not None and speech_features is not None and speech_features.frame_rate is not None:
+            self.max_frames = max(1, int(round(max_seconds * speech_features.frame_rate)))
         self.crop = crop
         self.crop_seed = int(crop_seed)
         self.epoch = 0
@@ -216,7 +361,7 @@ class SpokenCaptionDataset(Dataset):
         ``audio=False`` / ``images=False`` leave that part on disk (e.g. when a feature cache serves it).
         Random crops keep whole utterances in memory, since every epoch cuts another window.
         """
-        if audio:
+        if audio and self.speech_source == "audio" and self.speech_features is None:
             stored = []
             for r in _progress(self.records, len(self.records), "audio", progress):
                 wav = _load_audio(r.audio, self.sample_rate)
@@ -234,7 +379,8 @@ class SpokenCaptionDataset(Dataset):
     @property
     def preloaded(self) -> bool:
         """Whether audio and images are held in memory."""
-        return self._audio is not None and (self._images is not None or self.regions is not None)
+        speech = self._audio is not None or self.speech_features is not None
+        return speech and (self._images is not None or self.regions is not None)
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         """Select the random crops of ``epoch`` (and the seed they derive from, if given).
@@ -246,12 +392,14 @@ class SpokenCaptionDataset(Dataset):
         if seed is not None:
             self.crop_seed = int(seed)
 
-    def crop_offset(self, index: int, length: int) -> int:
-        """First sample of the window kept of caption ``index`` whose full waveform has ``length`` samples."""
-        if self.crop != "random" or self.max_samples is None or length <= self.max_samples:
+    def crop_offset(self, index: int, length: int, limit: int | None = None) -> int:
+        """First sample of the window kept of caption ``index`` whose full waveform has ``length`` samples
+        (``limit``: the window length in other units, e.g. :attr:`max_frames`; default :attr:`max_samples`)."""
+        limit = self.max_samples if limit is None else limit
+        if self.crop != "random" or limit is None or length <= limit:
             return 0
         rng = np.random.default_rng([self.crop_seed, self.epoch, int(index), CROP_STREAM])
-        return int(rng.integers(0, length - self.max_samples + 1))
+        return int(rng.integers(0, length - limit + 1))
 
     def _head(self, wav: np.ndarray) -> np.ndarray:
         return wav if self.max_samples is None else wav[: self.max_samples]
@@ -267,8 +415,13 @@ class SpokenCaptionDataset(Dataset):
 
         Preloaded: exact. Otherwise read from the file headers (no decoding), resampled to ``sample_rate``.
         A random crop has the length of a head crop (``min(length, max_samples)``), so bucketing sees the
-        lengths the batches will have.
+        lengths the batches will have. Transcripts (``speech_source="text"``): their lengths in UTF-8 bytes.
         """
+        if self.speech_source == "text":
+            return [len(str(r.text).encode("utf-8")) for r in self.records]
+        if self.speech_features is not None:  # frames, as the batches will hold them
+            n = [self.speech_features.num_frames(r.caption_id) for r in self.records]
+            return n if self.max_frames is None else [min(x, self.max_frames) for x in n]
         if self._audio is not None:
             n = [len(a) for a in self._audio]
             return n if self.max_samples is None else [min(x, self.max_samples) for x in n]
@@ -312,6 +465,15 @@ class SpokenCaptionDataset(Dataset):
         wav = self._crop(_load_audio(self.records[index].audio, self.sample_rate), index)
         return torch.from_numpy(np.ascontiguousarray(wav))
 
+    def features(self, index: int) -> Tensor:
+        """The (cropped) precomputed frames ``[T, F]`` of caption ``index`` (random crops: this epoch's window)."""
+        assert self.speech_features is not None
+        utt_id = self.records[index].caption_id
+        if self.max_frames is None:
+            return self.speech_features.frames(utt_id)
+        start = self.crop_offset(index, self.speech_features.num_frames(utt_id), self.max_frames)
+        return self.speech_features.frames(utt_id, start, start + self.max_frames)
+
     def image_item(self, image_index: int) -> dict[str, Tensor]:
         """The image inputs of one image: ``{"pixels": [3, S, S]}`` or its region features."""
         if self.regions is not None:
@@ -319,19 +481,31 @@ class SpokenCaptionDataset(Dataset):
         return {"pixels": self.pixels(image_index)}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        wav = self.waveform(index)
         image_index = self.caption_image_index[index]
         image = ({"pixels": self.train_pixels(image_index, index)} if self.regions is None
                  else self.image_item(image_index))
-        item: dict[str, Any] = {"wav": wav, "length": int(wav.shape[0]), "image_index": image_index,
-                                "caption_index": index, **image}
+        item: dict[str, Any] = {"image_index": image_index, "caption_index": index, **image}
+        if self.speech_source == "text":
+            item["text"] = str(self.records[index].text)
+        elif self.speech_features is not None:
+            feats = self.features(index)
+            item.update(feats=feats, length=int(feats.shape[0]), frame_rate=self.speech_features.frame_rate)
+        else:
+            wav = self.waveform(index)
+            item.update(wav=wav, length=int(wav.shape[0]))
         if self.extra_fields:
             record_extra = self.records[index].extra
             item["extras"] = {name: record_extra.get(name) for name in self.extra_fields}
         return item
 
     def speech_inputs(self, indices: Sequence[int]) -> SpeechInputs:
-        """Waveforms of captions ``indices``, zero-padded to the longest (evaluation batches)."""
+        """Waveforms of captions ``indices``, zero-padded to the longest (evaluation batches); their transcripts
+        for ``speech_source="text"``."""
+        if self.speech_source == "text":
+            return SpeechInputs.from_texts([str(self.records[i].text) for i in indices])
+        if self.speech_features is not None:
+            assert self.speech_features.frame_rate is not None
+            return pad_features([self.features(i) for i in indices], self.speech_features.frame_rate)
         wavs = [self.waveform(i) for i in indices]
         values = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # [B, T]
         return SpeechInputs.waveform(values, torch.tensor([len(w) for w in wavs]), self.sample_rate)
@@ -347,11 +521,16 @@ def collate_spoken_captions(
     """Stack dataset items into a :class:`~vgskit.contract.Batch` of waveforms and images.
 
     Waveforms are zero-padded to ``[B, T]`` (``T`` = longest length rounded up to ``pad_multiple``) with
-    ``lengths [B]`` in samples; images are ``pixels [B, 3, S, S]`` or, for items carrying region features,
+    ``lengths [B]`` in samples (items of precomputed frames: ``[B, T, F]`` padded to the longest, see
+    :func:`pad_features`); images are ``pixels [B, 3, S, S]`` or, for items carrying region features,
     ``regions [B, N, F]`` + ``boxes [B, N, 4]`` + ``region_mask [B, N]``.
     """
     if not items:
         raise ConfigError("collate_spoken_captions: empty batch")
+    if "text" in items[0]:  # a text dataset (speech_source="text"): transcripts instead of waveforms
+        return make_batch(SpeechInputs.from_texts([it["text"] for it in items]), items)
+    if "feats" in items[0]:  # precomputed frames (speech_features) instead of waveforms
+        return make_batch(pad_features([it["feats"] for it in items], float(items[0]["frame_rate"])), items)
     lengths = torch.tensor([int(it["length"]) for it in items], dtype=torch.long)
     longest = int(lengths.max())
     total = -(-longest // pad_multiple) * pad_multiple if pad_multiple > 1 else longest
@@ -359,6 +538,16 @@ def collate_spoken_captions(
     for row, it in enumerate(items):
         wavs[row, : it["length"]] = it["wav"]
     return make_batch(SpeechInputs.waveform(wavs, lengths, sample_rate), items)
+
+
+def pad_features(frames: Sequence[Tensor], frame_rate: float) -> SpeechInputs:
+    """Frames ``[T_i, F]`` of each caption → ``SpeechInputs`` of kind ``features``: ``[B, T, F]`` zero-padded to the
+    longest, ``lengths [B]`` in frames, ``rate`` in frames per second."""
+    lengths = torch.tensor([int(f.shape[0]) for f in frames], dtype=torch.long)
+    values = torch.zeros(len(frames), int(lengths.max()), int(frames[0].shape[1]), dtype=torch.float32)  # [B, T, F]
+    for row, f in enumerate(frames):
+        values[row, : f.shape[0]] = f
+    return SpeechInputs("features", values, lengths, float(frame_rate))
 
 
 def collate_images(items: Sequence[dict[str, Any]]) -> ImageInputs:

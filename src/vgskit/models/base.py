@@ -18,6 +18,11 @@ What a model declares and offers:
   ``has_fine_scores`` is True (coarse-to-fine re-ranking in evaluation and search);
 * **the training step** — ``step(batch, state) -> StepOutput``: named, already-weighted losses (the trainer
   sums them) and metrics to log, given the :class:`~vgskit.contract.TrainState` (step, epoch, fraction);
+* **gradient caching (optional)** — ``embed_for_loss(batch) -> {name: [b, ...]}`` (per-row embeddings of any
+  slice of a batch) and ``loss_from_embeddings(embeddings, batch, state) -> StepOutput`` (the step's losses from
+  the embeddings of the whole batch), for a model whose ``step`` is exactly "embed every row, then a loss over
+  the embeddings"; ``supports_grad_cache`` says whether they stand for ``step`` (see
+  :mod:`vgskit.train.gradcache`, which ``train.grad_cache_chunk`` turns on);
 * **optional hooks, with defaults** — ``param_groups`` (per-group weight decay and lr scale),
   ``after_step`` (EMA / momentum teachers, run after every optimizer update), ``ddp_options`` (e.g.
   unused parameters), ``frozen_towers``/``set_tower``/``feature_cache_options`` (what a frozen-feature
@@ -41,7 +46,8 @@ class RetrievalModel(nn.Module):
 
     Class attributes:
         config_class: the dataclass type of ``config``.
-        speech_input: the raw speech input the model reads (``"waveform"`` or ``"features"``).
+        speech_input: the raw speech input the model reads (``"waveform"``, ``"features"``, or ``"text"``: the
+            captions' transcripts, for text towers — the data pipeline then serves the manifest's ``text``).
         image_input: the raw image input the model reads (``"pixels"`` or ``"regions"``).
         has_fine_scores: whether :meth:`score_pairs` is implemented.
         trainable: False for a model with nothing to train (evaluated as built, e.g. a cascade of
@@ -55,7 +61,7 @@ class RetrievalModel(nn.Module):
     """
 
     config_class: ClassVar[type]
-    speech_input: ClassVar[Literal["waveform", "features"]] = "waveform"
+    speech_input: ClassVar[Literal["waveform", "features", "text"]] = "waveform"
     image_input: ClassVar[Literal["pixels", "regions"]] = "pixels"
     has_fine_scores: ClassVar[bool] = False
     trainable: ClassVar[bool] = True
@@ -115,6 +121,38 @@ class RetrievalModel(nn.Module):
     def step(self, batch: Batch, state: TrainState) -> StepOutput:
         """One training step's named losses (already weighted) and metrics."""
         raise NotImplementedError(f"{type(self).__name__} has no training step")
+
+    # ------------------------------------------------------------- gradient caching (optional, see gradcache)
+
+    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Per-row embeddings of ``batch`` (any slice of a training batch), by name: ``{"speech": [b, E], ...}``.
+
+        Every value has one row per row of ``batch`` (first dimension ``b = len(batch)``), and a row may depend
+        only on that row's inputs (BatchNorm in training mode aside, see :mod:`vgskit.train.gradcache`): the
+        gradient cache embeds a batch in slices and concatenates them. Only models with
+        :attr:`supports_grad_cache` implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement embed_for_loss (no gradient caching)")
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
+        """The step's losses and metrics from :meth:`embed_for_loss`'s embeddings of the whole ``batch``.
+
+        ``step(batch, state)`` must equal ``loss_from_embeddings(embed_for_loss(batch), batch, state)``; the
+        loss may read the model's own parameters (a learnable temperature) and the batch's ids and extras, but
+        not its inputs again.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement loss_from_embeddings "
+                                  "(no gradient caching)")
+
+    @property
+    def supports_grad_cache(self) -> bool:
+        """Whether :meth:`step` is :meth:`embed_for_loss` followed by :meth:`loss_from_embeddings`.
+
+        True when the class implements both methods and does not override :meth:`step` below the class that
+        implements them (a subclass with a step of its own, e.g. an extra loss branch, is not covered by its
+        parent's methods). A model whose config makes its step not separable overrides this to say False.
+        """
+        return _grad_cache_problem(type(self)) is None
 
     def forward(self, batch: Batch, state: TrainState | None = None) -> StepOutput:
         # The trainer calls the module (so DDP's hooks run) and the module calls step().
@@ -205,6 +243,40 @@ class RetrievalModel(nn.Module):
             The overrides to build the model with. Default: ``config`` unchanged.
         """
         return config
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    """The first class of ``cls``'s MRO whose own namespace defines ``name``."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def _grad_cache_problem(cls: type) -> str | None:
+    """Why ``cls``'s step cannot be gradient-cached (None when it can), in words for an error message."""
+    own = [name for name in ("embed_for_loss", "loss_from_embeddings")
+           if _defining_class(cls, name) in (None, RetrievalModel)]
+    if own:
+        return (f"its training step is not written as per-row embeddings followed by a loss over them "
+                f"({cls.__name__} does not implement {' and '.join(own)})")
+    step_owner = _defining_class(cls, "step")
+    loss_owner = _defining_class(cls, "loss_from_embeddings")
+    embed_owner = _defining_class(cls, "embed_for_loss")
+    mro = cls.__mro__
+    if step_owner is not None and any(mro.index(step_owner) < mro.index(o)  # type: ignore[arg-type]
+                                      for o in (loss_owner, embed_owner)):
+        return (f"{step_owner.__name__} overrides step() below {loss_owner.__name__}, whose "
+                "embed_for_loss/loss_from_embeddings therefore do not describe it")
+    return None
+
+
+def grad_cache_problem(model: Any) -> str | None:
+    """Why ``model`` cannot train with a gradient cache (``train.grad_cache_chunk``), or None when it can."""
+    if not isinstance(model, RetrievalModel):
+        return f"{type(model).__name__} is not a RetrievalModel (gradient caching needs embed_for_loss)"
+    if model.supports_grad_cache:
+        return None
+    problem = _grad_cache_problem(type(model))
+    return problem or (f"{type(model).__name__}.supports_grad_cache is False for this configuration (its step "
+                       "is not separable into per-row embeddings and a loss over them)")
 
 
 def image_transform_of(model: RetrievalModel) -> Any:

@@ -49,6 +49,7 @@ from vgskit.metrics import (
     recall_at_k,
     validate_caption_image,
 )
+from vgskit.precision import autocast, current_precision, precision_scope, resolve_precision
 
 __all__ = ["PairScorer", "Reranker", "coarse_candidates", "embed_images", "embed_speech", "evaluate", "evaluate_retrieval",
            "map_speech", "pair_scorer", "reranked_first_hit_ranks"]
@@ -255,15 +256,40 @@ def _length_order(dataset: Any) -> list[int]:
     return sorted(range(len(dataset)), key=lambda i: lengths[i])
 
 
+def _model_device(model: Any) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _float32(out: Any) -> Any:
+    """Floating tensors in ``out`` (a tensor, :class:`Embeddings`, a list or tuple of them) as float32.
+
+    Under bf16 autocast a forward returns bfloat16 tensors; callers get float32, as in an fp32 run, so that
+    what they compute from the rows (scores, stored vectors) does not depend on the precision's dtype.
+    """
+    if isinstance(out, Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, Embeddings):
+        return Embeddings(out.pooled.float(), None if out.tokens is None else out.tokens.float(), out.mask)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_float32(x) for x in out)
+    return out
+
+
 @torch.no_grad()
-def map_speech(model: torch.nn.Module, dataset: Any, fn: Callable[[Any], Any], batch_size: int = 128) -> list[Any]:
+def map_speech(model: torch.nn.Module, dataset: Any, fn: Callable[[Any], Any], batch_size: int = 128,
+               precision: str | None = None) -> list[Any]:
     """``fn(SpeechInputs) -> per-row results`` over every caption of ``dataset``, in dataset order.
 
     Captions are batched in length order (little padding) with the model in eval mode (restored after).
     ``fn`` returns something indexable by row (a tensor ``[B, ...]``, :class:`~vgskit.contract.Embeddings`,
-    a list); the rows come back as a list in dataset order.
+    a list); the rows come back as a list in dataset order. ``fn`` runs at ``precision`` (``"fp32"`` or
+    ``"bf16"``, see :func:`vgskit.precision.resolve_precision`; ``None``: the enclosing
+    :func:`~vgskit.precision.precision_scope`'s, fp32 by default); under bf16 its floating tensors are cast
+    to float32.
     """
     _check_positive("batch_size", batch_size)
+    device = _model_device(model)
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     try:
@@ -271,7 +297,10 @@ def map_speech(model: torch.nn.Module, dataset: Any, fn: Callable[[Any], Any], b
         rows: list[Any] = [None] * len(dataset)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            out = fn(dataset.speech_inputs(idx))
+            with autocast(precision, device):
+                out = fn(dataset.speech_inputs(idx))
+            if precision != "fp32":
+                out = _float32(out)
             for row, i in enumerate(idx):
                 rows[i] = out[row] if not isinstance(out, Embeddings) else out.select([row])
     finally:
@@ -280,9 +309,16 @@ def map_speech(model: torch.nn.Module, dataset: Any, fn: Callable[[Any], Any], b
 
 
 @torch.no_grad()
-def embed_speech(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
-    """:class:`Embeddings` of every caption of ``dataset`` (dataset order; float32, CPU)."""
+def embed_speech(model: Any, dataset: Any, batch_size: int = 128, precision: str | None = None) -> Embeddings:
+    """:class:`Embeddings` of every caption of ``dataset`` (dataset order; float32, CPU).
+
+    ``precision``: ``"fp32"`` or ``"bf16"`` autocast for the forward (:func:`vgskit.precision.resolve_precision`
+    applies the fallback rule); ``None``: the enclosing :func:`~vgskit.precision.precision_scope`'s, fp32 by
+    default. The embeddings are float32 either way.
+    """
     _check_positive("batch_size", batch_size)
+    device = _model_device(model)
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     try:
@@ -290,7 +326,9 @@ def embed_speech(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
         parts, positions = [], []
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            parts.append(model.embed_speech(dataset.speech_inputs(idx)).float_cpu())
+            with autocast(precision, device):
+                emb = model.embed_speech(dataset.speech_inputs(idx))
+            parts.append(emb.float_cpu())  # float32 after the forward: bf16 stops at the model's output
             positions.extend(idx)
     finally:
         model.train(was_training)
@@ -301,15 +339,23 @@ def embed_speech(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
 
 
 @torch.no_grad()
-def embed_images(model: Any, dataset: Any, batch_size: int = 128) -> Embeddings:
-    """:class:`Embeddings` of every distinct image of ``dataset`` (``image_keys`` order; float32, CPU)."""
+def embed_images(model: Any, dataset: Any, batch_size: int = 128, precision: str | None = None) -> Embeddings:
+    """:class:`Embeddings` of every distinct image of ``dataset`` (``image_keys`` order; float32, CPU).
+
+    ``precision`` as in :func:`embed_speech`.
+    """
     _check_positive("batch_size", batch_size)
+    device = _model_device(model)
+    precision = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     try:
         n = len(dataset.image_keys)
-        parts = [model.embed_image(dataset.image_inputs(range(s, min(s + batch_size, n)))).float_cpu()
-                 for s in range(0, n, batch_size)]
+        parts = []
+        for s in range(0, n, batch_size):
+            with autocast(precision, device):
+                emb = model.embed_image(dataset.image_inputs(range(s, min(s + batch_size, n))))
+            parts.append(emb.float_cpu())
     finally:
         model.train(was_training)
     return Embeddings.cat(parts)
@@ -339,6 +385,7 @@ def evaluate(
     rerank_batch_size: int | None = None,
     source: str | None = None,
     exhaustive_fine: bool = False,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset``: recall both directions, optionally coarse-to-fine, plus extras.
 
@@ -360,6 +407,12 @@ def evaluate(
         exhaustive_fine: also score *every* (caption, image) pair with ``score_pairs`` (re-ranking the whole
             gallery of each direction): the ceiling of coarse-to-fine, which tells how much recall the cut-off at
             ``rerank_top`` loses. It costs ``n_captions x n_images`` fine scores, so it is asked for explicitly.
+        precision: ``"fp32"`` or ``"bf16"``: autocast of the embedding passes and of the extras' forwards
+            (:func:`vgskit.precision.resolve_precision`: bf16 falls back to fp32, with a warning, where the
+            device has no native bf16); ``None``: the enclosing :func:`~vgskit.precision.precision_scope`'s,
+            fp32 by default. Embeddings are cast to float32 before scoring. The fine scorer (``score_pairs``)
+            stays fp32: its scores are ranked directly, and bf16 would round them to 8 significant bits, which
+            creates ties the pessimistic tie rule counts against the model.
 
     Returns:
         :func:`evaluate_retrieval`'s dictionary (with ``rerank_top`` when re-ranked), each direction also holding
@@ -368,7 +421,8 @@ def evaluate(
         numbers are the coarse-to-fine ones and ``"coarse"`` holds the coarse recall of the same embeddings
         (the dictionary of an evaluation without ``rerank_top``, extras aside), so the gain of the fine stage
         is read from one run; with ``exhaustive_fine``, ``"exhaustive_fine"`` holds the fine-only recall in
-        the same shape.
+        the same shape. A run asked for a precision other than fp32 records the one it ran at as
+        ``"precision"``.
     """
     from vgskit.extensions import get_evaluation
 
@@ -388,8 +442,10 @@ def evaluate(
             ev.require_model(model)
         if ev.require_data is not None:
             ev.require_data(dataset, where)
-    speech = embed_speech(model, dataset, batch_size)
-    image = embed_images(model, dataset, batch_size)
+    requested_precision = current_precision() if precision is None else precision
+    precision = resolve_precision(requested_precision, _model_device(model))
+    speech = embed_speech(model, dataset, batch_size, precision)
+    image = embed_images(model, dataset, batch_size, precision)
     caption_image = torch.tensor(dataset.caption_image_index, dtype=torch.long)
     fine = pair_scorer(model, speech, image) if rerank_top is not None or exhaustive_fine else None
 
@@ -416,6 +472,10 @@ def evaluate(
         results["exhaustive_fine"] = recall(fine, max(len(speech.pooled), len(image.pooled), 1))
     for name, ev in evaluations.items():
         options = {**ev.options, **requested[name]}
-        results[name] = ev.fn(model, dataset, batch_size=batch_size, source=where, options=options,
-                              speech_emb=speech.pooled)
+        # The extras embed through map_speech / embed_speech with precision=None: the scope hands them ours.
+        with precision_scope(precision):
+            results[name] = ev.fn(model, dataset, batch_size=batch_size, source=where, options=options,
+                                  speech_emb=speech.pooled)
+    if requested_precision != "fp32":
+        results["precision"] = precision  # fp32 results keep their shape; others say what they ran at
     return results

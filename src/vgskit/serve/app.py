@@ -2,16 +2,24 @@
 
 Routes (OpenAPI documentation at ``/docs`` and ``/openapi.json``):
 
-``POST /search?k=5&index=NAME``
+``POST /search?k=5&index=NAME&rerank=N``
     A spoken query, either as a ``multipart/form-data`` upload in the field ``audio`` (WAV, FLAC or Ogg at
     any sample rate and channel count; the format is read from the content) or as a JSON body
     ``{"embedding": [...]}`` holding a query embedding computed elsewhere (the model's pooled speech
     embedding, :meth:`SearchEngine.embed_audio`). Answers ``{"index", "k", "hits": [{"rank", "id", "score",
-    "image_url"}], "timing_ms": {"decode", "resample", "encode", "search"}}``.
+    "image_url"}], "timing_ms": {"decode", "resample", "encode", "search"}}``. ``rerank=N`` (models with a fine
+    scorer, audio queries) re-ranks the N best coarse hits with the model's ``score_pairs``.
+``POST /search/image?k=5&index=NAME&rerank=N``
+    Image → spoken captions, for an index that holds captions: an image upload (multipart field ``image``,
+    PNG/JPEG/...) or ``{"id": "<gallery image id>"}`` (its stored embedding). Answers ``{"index", "k", "hits":
+    [{"rank", "id", "score", "audio_url", "image_id"}], "timing_ms"}``.
+``GET /audio/{index}/{caption_id}``
+    The audio file of a caption id, looked up in the index (the request names an id, never a path).
 ``GET /images/{index}/{id}``
     The image file of a gallery id, looked up in the index: the request names an id, never a path.
 ``GET /indices``
-    Every index served: name, image count, embedding width, the identity of the model that built it.
+    Every index served: name, image and caption counts, embedding width, index kind with its recall@10, whether
+    re-ranking is available, the identity of the model that built it.
 ``GET /healthz``
     Liveness, with the number of searches running.
 ``GET /metrics``
@@ -47,7 +55,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vgskit.errors import ConfigError, VGSKitError
 from vgskit.retrieval.engine import SearchEngine, model_identity
-from vgskit.serve.decode import ACCEPTED, QueryRejected, decode_query
+from vgskit.serve.decode import ACCEPTED, QueryRejected, decode_query, sniff
 from vgskit.serve.limits import ServeLimits
 from vgskit.serve.metrics import CONTENT_TYPE, STAGES, Metrics
 from vgskit.serve.page import mount_page
@@ -55,6 +63,9 @@ from vgskit.serve.page import mount_page
 log = logging.getLogger("vgskit.serve")
 
 AUDIO_FIELD = "audio"
+IMAGE_FIELD = "image"
+_AUDIO_TYPES = {"WAV": "audio/wav", "FLAC": "audio/flac", "OGG": "audio/ogg"}
+_MAX_RERANK = 1000
 _INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _IMAGE_TYPES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF87a", "image/gif"),
                 (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
@@ -73,12 +84,26 @@ _SEARCH_BODY = {
     },
 }
 
+_IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": [IMAGE_FIELD],
+            "properties": {IMAGE_FIELD: {"type": "string", "format": "binary",
+                                         "description": "the query image (PNG, JPEG, GIF, BMP, WebP)"}}}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["id"],
+            "properties": {"id": {"type": "string", "description": "a gallery image id of the index"}}}},
+    },
+}
+
 
 @dataclass
 class _Index:
     name: str
     engine: SearchEngine
     files: dict[str, str]  # id -> absolute image path, fixed when the service starts
+    audio: dict[str, str]  # caption id -> absolute audio path (empty without captions)
 
 
 class _State:
@@ -115,7 +140,9 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
                 raise ConfigError(f"index {name!r} was loaded with another model than the one that encodes the "
                                   "queries; load every index with the served checkpoint")
         files = {item: os.path.abspath(path) for item, path in zip(engine.image_ids, engine.image_paths, strict=True)}
-        served[name] = _Index(name, engine, files)
+        audio = ({} if engine.captions is None else
+                 {c: os.path.abspath(a) for c, a in zip(engine.captions.ids, engine.captions.audio_paths, strict=True)})
+        served[name] = _Index(name, engine, files, audio)
     state = _State(model, served, limits)
 
     app = FastAPI(title="vgskit search", version="1",
@@ -131,8 +158,12 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
     async def search(request: Request,
                      k: int = Query(limits.default_k, ge=1, le=limits.max_k, description="hits to return"),
                      index: str | None = Query(None, description="index name (default: the first served)"),
+                     rerank: int | None = Query(None, ge=1, le=_MAX_RERANK,
+                                                description="re-rank the N best coarse hits with the model's fine "
+                                                            "scorer (audio queries, models with score_pairs; N >= k)"),
                      ) -> dict[str, Any]:
         entry = _index_or_404(state, index or state.default)
+        _check_rerank(state, k, rerank)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in ("multipart/form-data", "application/json"):
             raise HTTPException(415, f"send the query as multipart/form-data (audio file in the field "
@@ -142,15 +173,14 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
         body = _limited_stream(request, limits.max_upload_bytes)
         if media == "application/json":
             audio, vector = None, _parse_embedding(await _collect(body), entry)
+            if rerank is not None:
+                raise HTTPException(422, "rerank needs an audio query: a pooled embedding has no token-level "
+                                         "features to re-rank with")
         else:
             audio, vector = await _read_audio_field(request, body), None
-        if state.active >= limits.max_concurrent_searches:
-            raise HTTPException(503, f"busy: {limits.max_concurrent_searches} searches are already running "
-                                     f"(max_concurrent_searches); retry in {limits.retry_after_s} s",
-                                headers={"Retry-After": str(limits.retry_after_s)})
-        state.active += 1
+        _take_slot(state)
         try:
-            hits, timing = await run_in_threadpool(_run_search, state, entry, audio, vector, k)
+            hits, timing = await run_in_threadpool(_run_search, state, entry, audio, vector, k, rerank)
         finally:
             state.active -= 1
         state.metrics.observe_stages({s: timing[s] for s in STAGES if not (audio is None and s != "search")})
@@ -162,6 +192,65 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
                      for rank, (item, score) in enumerate(hits, start=1)],
             "timing_ms": {s: round(timing[s] * 1000.0, 3) for s in STAGES},
         }
+
+    @app.post("/search/image", openapi_extra={"requestBody": _IMAGE_BODY},
+              summary="Spoken captions for an image (upload) or a gallery image id (JSON)")
+    async def search_image(request: Request,
+                           k: int = Query(limits.default_k, ge=1, le=limits.max_k, description="hits to return"),
+                           index: str | None = Query(None, description="index name (default: the first served)"),
+                           rerank: int | None = Query(None, ge=1, le=_MAX_RERANK,
+                                                      description="re-rank the N best coarse hits finely (N >= k)"),
+                           ) -> dict[str, Any]:
+        entry = _index_or_404(state, index or state.default)
+        if entry.engine.captions is None:
+            raise HTTPException(404, f"index {entry.name!r} holds no spoken captions (build it from a dataset with "
+                                     "`vgskit index` to search images -> speech)")
+        _check_rerank(state, k, rerank)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in ("multipart/form-data", "application/json"):
+            raise HTTPException(415, f"send the image as multipart/form-data (file in the field {IMAGE_FIELD!r}) "
+                                     f"or as application/json ({{\"id\": \"<gallery image id>\"}}); got "
+                                     f"{media or 'no content type'!r}")
+        _check_content_length(request, limits.max_upload_bytes)
+        body = _limited_stream(request, limits.max_upload_bytes)
+        image_bytes: bytes | None = None
+        image_id: str | None = None
+        if media == "application/json":
+            image_id = _parse_image_id(await _collect(body), entry)
+        else:
+            image_bytes = await _read_file_field(request, body, IMAGE_FIELD, "the query image")
+        _take_slot(state)
+        try:
+            hits, timing = await run_in_threadpool(_run_image_search, entry, image_bytes, image_id, k, rerank)
+        finally:
+            state.active -= 1
+        root = request.scope.get("root_path", "").rstrip("/")
+        captions = entry.engine.captions
+        assert captions is not None
+        image_of = dict(zip(captions.ids, captions.image_ids or [None] * len(captions.ids), strict=True))
+        return {
+            "index": entry.name, "k": k,
+            "hits": [{"rank": rank, "id": item, "score": score, "image_id": image_of.get(item),
+                      "audio_url": f"{root}/audio/{quote(entry.name, safe='')}/{quote(item, safe='')}"}
+                     for rank, (item, score) in enumerate(hits, start=1)],
+            "timing_ms": {s: round(v * 1000.0, 3) for s, v in timing.items()},
+        }
+
+    @app.get("/audio/{index}/{caption_id:path}", summary="The audio file of a spoken caption id")
+    async def audio(index: str, caption_id: str) -> FileResponse:
+        entry = _index_or_404(state, index)
+        path = entry.audio.get(caption_id)
+        if path is None:
+            raise HTTPException(404, f"index {entry.name!r} has no spoken caption with id {caption_id!r}")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError:
+            log.warning("audio of caption %r in index %r is missing or unreadable: %s", caption_id, entry.name, path)
+            raise HTTPException(404, f"the audio of caption {caption_id!r} in index {entry.name!r} is missing on "
+                                     "the server") from None
+        return FileResponse(path, media_type=_AUDIO_TYPES.get(sniff(head) or "", "application/octet-stream"),
+                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
 
     @app.get("/images/{index}/{item_id:path}", summary="The image file of a gallery id")
     async def image(index: str, item_id: str) -> FileResponse:
@@ -183,6 +272,8 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
     async def list_indices() -> dict[str, Any]:
         return {"default": state.default, "indices": [
             {"name": e.name, "count": len(e.engine.image_ids), "embed_dim": int(e.engine.image_emb.shape[1]),
+             "captions": len(e.audio), "index_kind": e.engine.index_kind,
+             "recall_at_10": e.engine.index_info.get("recall_at_10"), "rerank": bool(state.model.has_fine_scores),
              "model": state.identity} for e in state.indices.values()]}
 
     @app.get("/healthz", summary="Liveness")
@@ -213,6 +304,25 @@ def _index_or_404(state: _State, name: str) -> _Index:
     if entry is None:
         raise HTTPException(404, f"unknown index {name!r}; served: {', '.join(sorted(state.indices))}")
     return entry
+
+
+def _check_rerank(state: _State, k: int, rerank: int | None) -> None:
+    if rerank is None:
+        return
+    if not getattr(state.model, "has_fine_scores", False):
+        raise HTTPException(422, "rerank: this model has no fine scorer (score_pairs) to re-rank with")
+    if rerank < k:
+        raise HTTPException(422, f"rerank ({rerank}) must be >= k ({k})")
+
+
+def _take_slot(state: _State) -> None:
+    """Count one more search running, or answer 503 when ``max_concurrent_searches`` already are."""
+    limits = state.limits
+    if state.active >= limits.max_concurrent_searches:
+        raise HTTPException(503, f"busy: {limits.max_concurrent_searches} searches are already running "
+                                 f"(max_concurrent_searches); retry in {limits.retry_after_s} s",
+                            headers={"Retry-After": str(limits.retry_after_s)})
+    state.active += 1
 
 
 def _check_content_length(request: Request, limit: int) -> None:
@@ -248,18 +358,21 @@ async def _collect(body: AsyncGenerator[bytes, None]) -> bytes:
 
 
 async def _read_audio_field(request: Request, body: AsyncGenerator[bytes, None]) -> bytes:
+    return await _read_file_field(request, body, AUDIO_FIELD, "the spoken query")
+
+
+async def _read_file_field(request: Request, body: AsyncGenerator[bytes, None], name: str, what_for: str) -> bytes:
     parser = MultiPartParser(request.headers, body, max_files=1, max_fields=8)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise HTTPException(422, f"malformed multipart body: {exc.message}") from None
     try:
-        field = form.get(AUDIO_FIELD)
+        field = form.get(name)
         if not isinstance(field, UploadFile):
             got = ", ".join(repr(key) for key in form.keys()) or "none"
             what = "a text value, not a file" if field is not None else f"missing (fields sent: {got})"
-            raise HTTPException(422, f"expected the spoken query as a file in the multipart field {AUDIO_FIELD!r}: "
-                                     f"{what}")
+            raise HTTPException(422, f"expected {what_for} as a file in the multipart field {name!r}: {what}")
         return await field.read()
     finally:
         await form.close()
@@ -287,8 +400,61 @@ def _parse_embedding(raw: bytes, entry: _Index) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
+def _parse_image_id(raw: bytes, entry: _Index) -> str:
+    try:
+        payload = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(422, f"the body is not valid JSON ({exc}); expected {{\"id\": \"<gallery image id>\"}}"
+                            ) from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("id"), str):
+        raise HTTPException(422, "expected a JSON object {\"id\": \"<gallery image id>\"} with a string id")
+    if payload["id"] not in entry.files:
+        raise HTTPException(404, f"index {entry.name!r} has no image with id {payload['id']!r}")
+    return payload["id"]
+
+
+def _run_image_search(entry: _Index, data: bytes | None, image_id: str | None, k: int,
+                      rerank: int | None) -> tuple[list[tuple[str, float]], dict[str, float]]:
+    """Decode and embed an uploaded image (or take a gallery image's embedding), then rank the captions."""
+    import tempfile
+
+    from vgskit.images import load_image
+    from vgskit.models.base import image_transform_of
+
+    engine = entry.engine
+    timing = {"decode": 0.0, "encode": 0.0, "search": 0.0}
+    if image_id is not None:
+        t0 = time.perf_counter()
+        hits = engine.search_by_image_id(image_id, k, rerank_top=rerank)
+        timing["search"] = time.perf_counter() - t0
+        return [(h.item_id, h.score) for h in hits], timing
+    assert data is not None
+    if engine.model.image_input != "pixels":
+        raise HTTPException(422, "this model reads region features, not pixels: search with {\"id\": ...} of a "
+                                 "gallery image")
+    if not data:
+        raise HTTPException(422, "image upload: empty (0 bytes)")
+    t0 = time.perf_counter()
+    # load_image reads files: it checks the pixel count from the header before decoding (decompression bombs)
+    with tempfile.NamedTemporaryFile(suffix=".img") as tmp:
+        tmp.write(data)
+        tmp.flush()
+        try:
+            pixels = image_transform_of(engine.model)(load_image(tmp.name))
+        except VGSKitError as err:
+            raise HTTPException(422, f"image upload: {str(err).replace(tmp.name, 'the upload')}") from None
+    timing["decode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    query = engine.embed_image(pixels)
+    timing["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hits = engine.search_captions(query, k, rerank_top=rerank)
+    timing["search"] = time.perf_counter() - t0
+    return [(h.item_id, h.score) for h in hits], timing
+
+
 def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch.Tensor | None,
-                k: int) -> tuple[list[tuple[str, float]], dict[str, float]]:
+                k: int, rerank: int | None = None) -> tuple[list[tuple[str, float]], dict[str, float]]:
     """Decode, resample, encode and rank (in a worker thread); the hits as (id, score) and each stage's time."""
     timing = dict.fromkeys(STAGES, 0.0)
     engine = entry.engine
@@ -297,16 +463,17 @@ def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch
         timing["decode"], timing["resample"] = query.decode_s, query.resample_s
         t0 = time.perf_counter()
         try:
-            vector = engine.embed_query(query.wav).pooled[0]
+            embedded = engine.embed_query(query.wav)
         except VGSKitError as err:  # too short for the speech encoder, ...
             raise QueryRejected(422, f"audio upload: {err}") from err
         timing["encode"] = time.perf_counter() - t0
-    assert vector is not None
+    else:
+        assert vector is not None
+        embedded = vector
     t0 = time.perf_counter()
     with torch.inference_mode():
-        scores = engine.image_emb @ vector
-        top = torch.topk(scores, min(k, scores.shape[0]))
-    hits = [(engine.image_ids[j], float(s)) for s, j in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        found = engine.search_by_embedding(embedded, k, rerank_top=rerank)
+    hits = [(h.item_id, h.score) for h in found]
     timing["search"] = time.perf_counter() - t0
     return hits, timing
 

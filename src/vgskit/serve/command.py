@@ -35,6 +35,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrent", type=int, default=_DEFAULTS.max_concurrent_searches,
                    help="searches running at once; more are answered 503 with Retry-After "
                         f"(default: {_DEFAULTS.max_concurrent_searches})")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="embed queries in bf16 where the CPU has it natively (fp32 fallback with a warning)")
     p.add_argument("--max-connections", type=int, default=64,
                    help="open connections the server accepts before answering 503 (default: 64)")
 
@@ -88,7 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
     engines = {}
     for name, folder in folders.items():
         try:
-            engines[name] = SearchEngine.load(folder, model)
+            engines[name] = SearchEngine.load(folder, model, precision=getattr(args, "precision", "fp32"))
         except VGSKitError as err:
             raise VGSKitError(f"--index {name}={folder}: {err}") from None
 

@@ -75,6 +75,14 @@ class TrainConfig:
       batch (so N processes do not train exactly what one process trains); ``frozen``: BatchNorm layers stay in
       eval mode (running statistics, which are not updated; their affine weights still train), which keeps
       "N processes = 1 process" exact; ``sync``: ``SyncBatchNorm`` across processes (CUDA only).
+    * ``grad_cache_chunk``: gradient caching (:mod:`vgskit.train.gradcache`): embed each process's batch this
+      many rows at a time, first without gradients, then again chunk by chunk back-propagating the gradients
+      of the full-batch loss with respect to the embeddings. Activation memory is that of one chunk while the
+      parameter gradients equal the plain large-batch step's (exactly with no BatchNorm in training mode or
+      with ``batchnorm: frozen``; in training mode each chunk normalises with its own statistics, like
+      per-process BatchNorm). Dropout masks are replayed between the two passes. Only models whose
+      ``supports_grad_cache`` is True (``embed_for_loss`` + ``loss_from_embeddings``): the trainer refuses the
+      others. Null: off.
     * ``stop_after_steps``: stop (with a checkpoint) after this many steps *of this call*, e.g. to split a
       run into jobs; ``time_budget_s`` does the same after this many seconds of training.
     """
@@ -109,6 +117,7 @@ class TrainConfig:
     tensorboard: bool = True
     batchnorm: Literal["batch", "frozen", "sync"] = "batch"
     init_from: str | None = None
+    grad_cache_chunk: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,6 +177,10 @@ class TrainConfig:
                "must be >= 1 or null", self.stop_after_steps)
         _check("time_budget_s", self.time_budget_s is None or self.time_budget_s > 0, "must be > 0 or null",
                self.time_budget_s)
+        _check("grad_cache_chunk", self.grad_cache_chunk is None or (
+            isinstance(self.grad_cache_chunk, int) and not isinstance(self.grad_cache_chunk, bool)
+            and self.grad_cache_chunk >= 1), "must be a positive integer (rows per chunk) or null",
+            self.grad_cache_chunk)
         _check("init_from", self.init_from is None or bool(self.init_from.strip()),
                "must be a checkpoint folder or null", self.init_from)
 

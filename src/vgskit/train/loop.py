@@ -87,6 +87,7 @@ from vgskit.train.checkpoint import (
     verify_checkpoint,
 )
 from vgskit.train.config import TrainConfig, to_jsonable
+from vgskit.train.gradcache import average_gradients, broadcast_module_state, grad_cache_step
 from vgskit.train.optim import create_optimizer, default_param_groups
 from vgskit.train.schedules import build_scheduler
 from vgskit.train.tracking import MetricsLogger
@@ -284,6 +285,13 @@ class Trainer:
         if _is_retrieval_model(self.model) and not self.model.trainable:
             raise ConfigError(f"model {model_name or type(self.model).__name__!r} has no trainable weights "
                               "(evaluate it as built: vgskit eval --model NAME)")
+        if cfg.grad_cache_chunk is not None:
+            from vgskit.models.base import grad_cache_problem
+
+            problem = grad_cache_problem(self.model)
+            if problem is not None:
+                raise ConfigError(f"train.grad_cache_chunk: model {model_name or type(self.model).__name__!r} cannot "
+                                  f"train with a gradient cache: {problem}; set train.grad_cache_chunk: null")
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         # bf16 autocast needs no loss scaling; fp16 on CUDA does.
@@ -509,6 +517,32 @@ class Trainer:
     def _state(self, step: int, epoch_float: float) -> TrainState:
         return TrainState(step=step, epoch=int(epoch_float), epoch_float=epoch_float, total_steps=self.total_steps)
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp)
+
+    def _check_finite(self, out: StepOutput) -> None:
+        # Agreed across ranks, so that no rank stops while the others wait in a collective.
+        if D.any_rank(not bool(torch.isfinite(out.loss.detach()).item()), self.device):
+            bad = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
+            raise FloatingPointError(f"loss is not finite ({bad}) on at least one process")
+
+    def _grad_cached_backward(self, batch: Any, state: TrainState) -> StepOutput:
+        """Forward and backward of one step through the gradient cache (``train.grad_cache_chunk``).
+
+        Leaves in ``.grad`` what the plain step's backward leaves there (see :mod:`vgskit.train.gradcache`),
+        averaged over processes under ``torchrun``; returns the step's (detached) output for logging.
+        """
+        assert self.cfg.grad_cache_chunk is not None
+        distributed = self.dist.distributed
+        if distributed and self.model.ddp_options().get("broadcast_buffers", True):  # type: ignore[operator]
+            broadcast_module_state(self.model, parameters=False)  # DDP's buffer broadcast before a forward
+        out = grad_cache_step(self.model, batch, state, self.cfg.grad_cache_chunk, autocast=self._autocast,
+                              scale_loss=self.scaler.scale if self.scaler is not None else None,  # type: ignore[arg-type]
+                              check_loss=self._check_finite)
+        if distributed:
+            average_gradients(self.model)
+        return out
+
     def _step(self, batch: Any, where: tuple[int, int, int], state: TrainState
               ) -> tuple[dict[str, torch.Tensor], float]:
         """One optimizer update; returns the detached logging scalars and the lr it used."""
@@ -516,19 +550,21 @@ class Trainer:
         step, epoch, pos = where
         lr = float(self.optimizer.param_groups[0]["lr"])
         try:
-            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp):
-                out = self._ddp_model(batch, state)
-            if not isinstance(out, StepOutput):
-                raise TypeError(f"the model's step must return a vgskit.contract.StepOutput, got {type(out).__name__}")
-            loss = out.loss
-            # Agreed across ranks, so that no rank stops while the others wait in a collective.
-            if D.any_rank(not bool(torch.isfinite(loss.detach()).item()), self.device):
-                bad = ", ".join(f"{k}={v.item():.4g}" for k, v in out.losses.items())
-                raise FloatingPointError(f"loss is not finite ({bad}) on at least one process")
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
+            if self.cfg.grad_cache_chunk is not None:
+                out = self._grad_cached_backward(batch, state)
+                loss = out.loss
             else:
-                loss.backward()
+                with self._autocast():
+                    out = self._ddp_model(batch, state)
+                if not isinstance(out, StepOutput):
+                    raise TypeError(f"the model's step must return a vgskit.contract.StepOutput, got "
+                                    f"{type(out).__name__}")
+                loss = out.loss
+                self._check_finite(out)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
             if self.cfg.grad_clip is not None:
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
@@ -603,7 +639,14 @@ class Trainer:
             if D.is_main():
                 log.info("initialised the model from %s", used)
         p = self.progress
-        if self.dist.distributed:
+        if self.dist.distributed and self.cfg.grad_cache_chunk is not None:
+            # Two passes per step do not fit DDP's one-backward-per-forward reducer: the gradient cache runs on
+            # the bare model and averages the gradients itself (vgskit.train.gradcache); start from rank 0's
+            # weights, as DDP does when it wraps a model.
+            self._prepare_batchnorm()
+            broadcast_module_state(self.model)
+            self._ddp_model = self.model
+        elif self.dist.distributed:
             self._prepare_batchnorm()
             ids = [self.device.index] if self.device.type == "cuda" else None
             options = self.model.ddp_options() if _is_retrieval_model(self.model) else {}  # type: ignore[operator]

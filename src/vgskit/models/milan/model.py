@@ -168,6 +168,9 @@ class Milan(RetrievalModel):
         super().__init__(config)
         self.config: MilanConfig = config
         self.sample_rate = config.frontend.sample_rate
+        # What the model reads depends on its front-end: precomputed frames for `features` (data.speech_features
+        # serves them), waveforms otherwise (an instance attribute, set from the config).
+        self.speech_input = "features" if config.frontend.kind == "features" else "waveform"  # type: ignore[misc]
         self.speech_tower: nn.Module | None = None
         tower_width = None
         if config.frontend.kind == "tower":
@@ -257,12 +260,20 @@ class Milan(RetrievalModel):
         pooled = self.image_tower(pixels).pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]
 
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
         speech = self.embed_speech(batch.speech).pooled  # [B, E]
         first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
         image = self.embed_image(batch.image.select(first)).pooled[target]  # [B, E]
-        loss = self.loss(speech, image, batch.image_ids)
+        return {"speech": speech, "image": image}
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
+        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
         return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        # Written through the two gradient-cache methods so that a grad-cached step (train.grad_cache_chunk,
+        # which the recipes use to reach the paper's batch of 1,024) computes the same thing.
+        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 register_model("milan")(Milan)

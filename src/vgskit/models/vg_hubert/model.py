@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,13 +308,20 @@ class VGHuBERT(RetrievalModel):
 
     # ------------------------------------------------------------------------------------------ training
 
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
         speech = self.embed_speech(batch.speech).pooled  # [B, E]
         first, target = unique_images(batch.image_ids)  # each distinct image encoded once: [M], [B]
         image = self.embed_image(batch.image.select(first)).pooled  # [M, E]
-        scores = speech @ image[target.to(image.device)].T  # [B, B], rows captions, columns the row's image
+        return {"speech": speech, "image": image[target.to(image.device)]}  # image: [B, E], the row's image
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
+        scores = embeddings["speech"] @ embeddings["image"].T  # [B, B], rows captions, columns the row's image
         loss = margin_infonce_loss(scores, batch.image_ids, self.config.margin)
         return StepOutput(losses={"margin_infonce": loss})
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        # Through the two gradient-cache methods, so that a grad-cached step computes the same thing.
+        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
     # --------------------------------------------------------------------------------- word segmentation
 

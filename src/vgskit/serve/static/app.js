@@ -70,7 +70,8 @@ async function loadIndices() {
 
 function describeIndex() {
   const entry = indices.find((item) => item.name === els.index.value);
-  els.indexInfo.textContent = entry ? `model ${entry.model.name}, ${entry.embed_dim}-dimensional` : "";
+  els.indexInfo.textContent = entry ? `model ${entry.model.name}, ${entry.embed_dim}-dimensional, `
+    + `${entry.index_kind} index${entry.captions ? `, ${entry.captions} spoken captions` : ""}` : "";
 }
 
 // -- recording ----------------------------------------------------------------------------------------------
@@ -340,6 +341,10 @@ function showResults(body, roundTripMs) {
     caption.append(rank, " ", id, " ", score);
     figure.append(img, caption);
     item.append(figure);
+    const entry = indices.find((candidate) => candidate.name === body.index);
+    if (entry && entry.captions > 0) {
+      item.append(captionsButton(body.index, hit.id));
+    }
     return item;
   }));
   const n = body.hits.length;
@@ -348,6 +353,58 @@ function showResults(body, roundTripMs) {
   els.timing.textContent = `Server: decode ${t.decode} ms, resample ${t.resample} ms, encode ${t.encode} ms, `
     + `search ${t.search} ms; round trip ${Math.round(roundTripMs)} ms.`;
   setStatus(`Found ${n} image${n === 1 ? "" : "s"} for ${query.label}.`);
+}
+
+// -- image -> spoken captions ---------------------------------------------------------------------------------
+// For an index that holds captions: a button under each image lists its nearest spoken captions, with players.
+function captionsButton(index, imageId) {
+  const box = document.createElement("div");
+  box.className = "captions";
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "captions-button";
+  button.textContent = "Spoken captions";
+  const list = document.createElement("ol");
+  list.className = "caption-list";
+  list.setAttribute("aria-label", `Spoken captions nearest to image ${imageId}`);
+  button.addEventListener("click", () => showCaptions(index, imageId, list, button));
+  box.append(button, list);
+  return box;
+}
+
+async function showCaptions(index, imageId, list, button) {
+  button.disabled = true;
+  showError("");
+  try {
+    const k = Math.max(1, Math.min(5, Number(els.k.value) || 5));
+    const response = await fetch(`search/image?${new URLSearchParams({ index, k })}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json" },
+      body: JSON.stringify({ id: imageId }),
+    });
+    if (!response.ok) {
+      throw new Error(await errorMessage(response));
+    }
+    const body = await response.json();
+    list.replaceChildren(...body.hits.map((hit) => {
+      const item = document.createElement("li");
+      item.className = "caption-hit";
+      item.dataset.id = hit.id;
+      item.dataset.score = hit.score;
+      const label = document.createElement("span");
+      label.textContent = `${hit.id} (score ${hit.score.toFixed(3)})`;
+      const audio = document.createElement("audio");
+      audio.controls = true;
+      audio.preload = "none";
+      audio.src = hit.audio_url;
+      item.append(label, audio);
+      return item;
+    }));
+  } catch (err) {
+    showError(`Cannot find spoken captions for ${imageId}: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 // -- wiring -------------------------------------------------------------------------------------------------
