@@ -261,3 +261,21 @@ def test_clip_zero_shot_text_tower_is_clips_joint_space_and_fits_the_cascade(
     speech = SpeechInputs.waveform(torch.randn(1, 8000) * 0.1, torch.tensor([8000]))
     with torch.no_grad():
         torch.testing.assert_close(cascade.embed_speech(speech).pooled, want_text[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_index_of_a_text_model_embeds_the_captions_transcripts(text_run: Path, tiny_manifest: Path,
+                                                                tmp_path: Path) -> None:
+    """`vgskit index` on a text model: its caption embeddings are those of the manifest's text."""
+    from vgskit.cli import main
+    from vgskit.retrieval.engine import SearchEngine
+    from vgskit.retrieval.evaluate import embed_images, embed_speech
+
+    assert main(["index", "--checkpoint", str(text_run), "--manifest", str(tiny_manifest), "--split", "test",
+                 "--out", str(tmp_path / "index")]) == 0
+    model = load_model(text_run)
+    engine = SearchEngine.load(tmp_path / "index", model)
+    ds = make_dataset(tiny_manifest, "test", model.image_transform, max_seconds=None, preload=True, progress=False,
+                      speech_input="text")
+    torch.testing.assert_close(engine.gallery.pooled, embed_images(model, ds).pooled, rtol=1e-5, atol=1e-6)
+    assert engine.captions is not None
+    torch.testing.assert_close(engine.captions.emb.pooled, embed_speech(model, ds).pooled, rtol=1e-5, atol=1e-6)

@@ -841,6 +841,6 @@ def build_index(checkpoint: str | Path, manifest: str | Path, *, split: str = "t
     if regions is None and model.image_input == "regions":
         raise ConfigError("--region-features: this model reads region features; give the HDF5 file of the images")
     ds = make_dataset(manifest, split, model.image_transform, max_seconds=None, preload=False, regions=regions,
-                      progress=False)
+                      progress=False, speech_input=model.speech_input)
     engine = SearchEngine.build_from_dataset(model, ds, progress=True)
     return engine.save(out_dir)

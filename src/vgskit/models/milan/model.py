@@ -156,7 +156,29 @@ def build_image_tower(config: ImageTowerConfig) -> nn.Module:
     return tower
 
 
-class Milan(RetrievalModel):
+class InBatchSoftmaxStep:
+    """The training step of MILAN's dual encoders (speech or text ⟷ image): embed the batch's language inputs and
+    its distinct images, then the bidirectional in-batch softmax (``self.loss``, an
+    :class:`~vgskit.losses.InfoNCELoss`). Written as the two gradient-cache methods, so that a grad-cached step
+    (``train.grad_cache_chunk``, which the recipes use to reach the paper's batch of 1,024) computes the same."""
+
+    loss: InfoNCELoss
+
+    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
+        speech = self.embed_speech(batch.speech).pooled  # type: ignore[attr-defined]  # [B, E]
+        first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
+        image = self.embed_image(batch.image.select(first)).pooled[target]  # type: ignore[attr-defined]  # [B, E]
+        return {"speech": speech, "image": image}
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
+        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
+        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
+
+
+class Milan(InBatchSoftmaxStep, RetrievalModel):
     """MILAN dual encoder (see the module docstring). Reads waveforms (or cached tower states, or precomputed
     frames with ``frontend.kind: features``) and pixels; one loss, ``infonce``."""
 
@@ -260,20 +282,6 @@ class Milan(RetrievalModel):
         pooled = self.image_tower(pixels).pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]
 
-    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
-        speech = self.embed_speech(batch.speech).pooled  # [B, E]
-        first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
-        image = self.embed_image(batch.image.select(first)).pooled[target]  # [B, E]
-        return {"speech": speech, "image": image}
-
-    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
-        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
-        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
-
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
-        # Written through the two gradient-cache methods so that a grad-cached step (train.grad_cache_chunk,
-        # which the recipes use to reach the paper's batch of 1,024) computes the same thing.
-        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 register_model("milan")(Milan)

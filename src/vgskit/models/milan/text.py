@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgskit.contract import Batch, Embeddings, SpeechInputs, StepOutput, TrainState
+from vgskit.contract import Embeddings, SpeechInputs
 from vgskit.encoders.efficientnet import LITE0_TRANSFORM
 from vgskit.encoders.image_cnn import ImageCNNConfig
 from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
-from vgskit.losses import InfoNCELoss, unique_images
+from vgskit.losses import InfoNCELoss
 from vgskit.models.base import RetrievalModel
-from vgskit.models.milan.model import ImageTowerConfig, build_image_tower
+from vgskit.models.milan.model import ImageTowerConfig, InBatchSoftmaxStep, build_image_tower
 from vgskit.models.milan.tokenizer import BPETokenizer, learn_bpe
 from vgskit.models.registry import register_model
 
@@ -111,7 +111,7 @@ class TextTower(nn.Module):
         return (x * weights).sum(dim=1) / weights.sum(dim=1)  # [B, W]
 
 
-class MilanText(RetrievalModel):
+class MilanText(InBatchSoftmaxStep, RetrievalModel):
     """Text ⟷ image dual encoder (see the module docstring); reads transcripts (``speech_input = "text"``)."""
 
     config_class = MilanTextConfig
@@ -194,19 +194,6 @@ class MilanText(RetrievalModel):
     def encode_image(self, pixels: Tensor) -> Tensor:
         # pixels: [B, 3, S, S] (or, under a feature cache, the cached pooled tower outputs [B, D_i])
         return F.normalize(self.image_proj(self.image_tower(pixels).pooled), dim=-1)  # [B, E]
-
-    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
-        text = self.embed_speech(batch.speech).pooled  # [B, E]
-        first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
-        image = self.embed_image(batch.image.select(first)).pooled[target]  # [B, E]
-        return {"speech": text, "image": image}
-
-    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
-        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
-        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
-
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
-        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 register_model("milan_text")(MilanText)
