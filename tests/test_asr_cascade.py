@@ -279,3 +279,35 @@ def test_index_of_a_text_model_embeds_the_captions_transcripts(text_run: Path, t
     torch.testing.assert_close(engine.gallery.pooled, embed_images(model, ds).pooled, rtol=1e-5, atol=1e-6)
     assert engine.captions is not None
     torch.testing.assert_close(engine.captions.emb.pooled, embed_speech(model, ds).pooled, rtol=1e-5, atol=1e-6)
+
+
+def test_service_answers_written_queries_with_the_text_tower(text_run: Path, tiny_manifest: Path) -> None:
+    """`POST /search` with {"text": ...} for a model with a text tower; a speech-only model answers 422."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from vgskit.retrieval.engine import SearchEngine
+    from vgskit.serve.app import create_app
+
+    model = load_model(text_run)
+    ds = make_dataset(tiny_manifest, "test", model.image_transform, max_seconds=None, preload=True, progress=False,
+                      speech_input="text")
+    engine = SearchEngine.build_from_dataset(model, ds, captions=False)
+    query = str(ds.records[3].text)
+    with torch.no_grad():
+        q = model.embed_speech(SpeechInputs.from_texts([query])).pooled[0]
+    scores = (engine.gallery.pooled.double() @ q.double()).numpy()
+    want = [ds.image_keys[i] for i in np.argsort(-scores, kind="stable")[:3]]
+    client = TestClient(create_app(model, {"scenes": engine}))
+    r = client.post("/search?k=3", json={"text": query})
+    assert r.status_code == 200, r.text
+    assert [h["id"] for h in r.json()["hits"]] == want
+    assert [h["score"] for h in r.json()["hits"]] == pytest.approx(sorted(scores, reverse=True)[:3], abs=1e-5)
+    assert client.post("/search", json={"text": "  "}).status_code == 422
+    assert client.post("/search", json={"text": "a" * 5000}).status_code == 413
+
+    speech_model = create_model("dual_encoder_tiny").eval()
+    speech_engine = SearchEngine(speech_model, torch.randn(4, speech_model.embed_dim), list("abcd"), list("abcd"),
+                                 index_kind="exact")
+    r = TestClient(create_app(speech_model, {"g": speech_engine})).post("/search", json={"text": "a red dress"})
+    assert r.status_code == 422 and "has no text tower" in r.json()["detail"]

@@ -522,6 +522,33 @@ class SearchEngine:
         with autocast(self.precision, _model_device(self.model)):
             return self.model.embed_speech(speech).float_cpu()
 
+    @property
+    def accepts_text(self) -> bool:
+        """Whether written queries can be embedded: the model reads transcripts (``speech_input == "text"``) or
+        has a text tower behind its recogniser (``encode_texts``, the speech → ASR → text cascade)."""
+        return self.model.speech_input == "text" or callable(getattr(self.model, "encode_texts", None))
+
+    @torch.no_grad()
+    def embed_text(self, text: str) -> torch.Tensor:
+        """Pooled embedding ``[D]`` of a written query, for models with a text tower (see :attr:`accepts_text`)."""
+        from vgskit.contract import SpeechInputs
+
+        if not self.accepts_text:
+            name = getattr(self.model, "model_name", None) or type(self.model).__name__
+            raise VGSKitError(f"model {name!r} has no text tower: search with speech (or an embedding)")
+        if not isinstance(text, str) or not text.strip():
+            raise VGSKitError("a text query must be a non-empty string")
+        with autocast(self.precision, _model_device(self.model)):
+            if self.model.speech_input == "text":
+                emb = self.model.embed_speech(SpeechInputs.from_texts([text])).pooled
+            else:
+                emb = self.model.encode_texts([text])
+        return emb.float().cpu()[0]
+
+    def search_by_text(self, text: str, k: int = 5) -> list[Hit]:
+        """The ``k`` nearest images of a written query (models with a text tower)."""
+        return self.search_by_embedding(self.embed_text(text), k)
+
     def embed_audio(self, wav: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Pooled embedding ``[D]`` of one mono waveform at the model's sample rate."""
         return self.embed_query(wav).pooled[0]

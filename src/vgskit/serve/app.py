@@ -78,9 +78,12 @@ _SEARCH_BODY = {
             "properties": {AUDIO_FIELD: {"type": "string", "format": "binary",
                                          "description": f"the spoken query: {ACCEPTED}, any rate and channels"}}}},
         "application/json": {"schema": {
-            "type": "object", "required": ["embedding"],
+            "type": "object",
             "properties": {"embedding": {"type": "array", "items": {"type": "number"},
-                                         "description": "a pooled query embedding of the index's width"}}}},
+                                         "description": "a pooled query embedding of the index's width"},
+                           "text": {"type": "string",
+                                    "description": "a written query, for models with a text tower (milan_text, "
+                                                   "clip_text_zero_shot, asr_cascade)"}}}},
     },
 }
 
@@ -172,7 +175,7 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
         _check_content_length(request, limits.max_upload_bytes)
         body = _limited_stream(request, limits.max_upload_bytes)
         if media == "application/json":
-            audio, vector = None, _parse_embedding(await _collect(body), entry)
+            audio, vector = None, _parse_json_query(await _collect(body), entry)
             if rerank is not None:
                 raise HTTPException(422, "rerank needs an audio query: a pooled embedding has no token-level "
                                          "features to re-rank with")
@@ -183,7 +186,8 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
             hits, timing = await run_in_threadpool(_run_search, state, entry, audio, vector, k, rerank)
         finally:
             state.active -= 1
-        state.metrics.observe_stages({s: timing[s] for s in STAGES if not (audio is None and s != "search")})
+        ran = set(STAGES) if audio is not None else {"search", "encode"} if isinstance(vector, str) else {"search"}
+        state.metrics.observe_stages({s: timing[s] for s in STAGES if s in ran})
         root = request.scope.get("root_path", "").rstrip("/")
         return {
             "index": entry.name, "k": k,
@@ -378,13 +382,27 @@ async def _read_file_field(request: Request, body: AsyncGenerator[bytes, None], 
         await form.close()
 
 
-def _parse_embedding(raw: bytes, entry: _Index) -> torch.Tensor:
+_MAX_TEXT_CHARS = 2000
+
+
+def _parse_json_query(raw: bytes, entry: _Index) -> torch.Tensor | str:
+    """A JSON query: ``{"embedding": [...]}`` (a tensor) or ``{"text": "..."}`` (the text, for text towers)."""
     width = int(entry.engine.image_emb.shape[1])
-    expected = f"expected a JSON object {{\"embedding\": [{width} numbers]}}"
+    expected = f"expected a JSON object {{\"embedding\": [{width} numbers]}} or {{\"text\": \"...\"}}"
     try:
         payload = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(422, f"the body is not valid JSON ({exc}); {expected}") from None
+    if isinstance(payload, dict) and "text" in payload and "embedding" not in payload:
+        text = payload["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise HTTPException(422, "'text' must be a non-empty string")
+        if len(text) > _MAX_TEXT_CHARS:
+            raise HTTPException(413, f"'text' has {len(text)} characters; at most {_MAX_TEXT_CHARS} are accepted")
+        if not entry.engine.accepts_text:
+            name = getattr(entry.engine.model, "model_name", None) or type(entry.engine.model).__name__
+            raise HTTPException(422, f"model {name!r} has no text tower: send a spoken query (or an embedding)")
+        return text
     if not isinstance(payload, dict) or "embedding" not in payload:
         raise HTTPException(422, f"{expected}; got {type(payload).__name__}" + (
             f" with keys {sorted(payload)}" if isinstance(payload, dict) else ""))
@@ -453,7 +471,7 @@ def _run_image_search(entry: _Index, data: bytes | None, image_id: str | None, k
     return [(h.item_id, h.score) for h in hits], timing
 
 
-def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch.Tensor | None,
+def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch.Tensor | str | None,
                 k: int, rerank: int | None = None) -> tuple[list[tuple[str, float]], dict[str, float]]:
     """Decode, resample, encode and rank (in a worker thread); the hits as (id, score) and each stage's time."""
     timing = dict.fromkeys(STAGES, 0.0)
@@ -466,6 +484,10 @@ def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch
             embedded = engine.embed_query(query.wav)
         except VGSKitError as err:  # too short for the speech encoder, ...
             raise QueryRejected(422, f"audio upload: {err}") from err
+        timing["encode"] = time.perf_counter() - t0
+    elif isinstance(vector, str):  # a written query: the model's text tower is the encoder
+        t0 = time.perf_counter()
+        embedded = engine.embed_text(vector)
         timing["encode"] = time.perf_counter() - t0
     else:
         assert vector is not None
