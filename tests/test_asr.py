@@ -191,3 +191,15 @@ def test_transformers_ctc_recognizer_decodes_the_greedy_path_of_a_local_checkpoi
 
     with pytest.raises(ConfigError, match="cannot be loaded from the local cache"):
         TransformersRecognizer("nobody/no-such-asr-model", local_files_only=True)
+
+
+def test_an_unwritable_transcript_cache_is_reported_once_and_skipped(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    cache = TranscriptCache(blocker / "cache")
+    with caplog.at_level("WARNING"):
+        cache.put("asr-a", "0" * 64, "a red dress")
+        cache.put("asr-a", "1" * 64, "a blue bag")
+    assert cache.unwritable and cache.get("asr-a", "0" * 64) is None
+    assert sum("cannot be written" in r.getMessage() for r in caplog.records) == 1

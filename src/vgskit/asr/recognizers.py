@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vgskit.errors import ConfigError, VGSKitError
+from vgskit.errors import ConfigError
 from vgskit.fileio import write_text_atomic
 
 __all__ = ["PocketSphinxRecognizer", "Recognizer", "TranscriptCache", "TransformersRecognizer", "audio_sha256"]
@@ -229,6 +229,7 @@ class TranscriptCache:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
+        self.unwritable = False
 
     def _path(self, identity: str, audio_sha: str) -> Path:
         key = hashlib.sha256(f"{identity}\n{audio_sha}".encode()).hexdigest()
@@ -251,9 +252,14 @@ class TranscriptCache:
         return entry["text"]
 
     def put(self, identity: str, audio_sha: str, text: str) -> None:
+        """Store a transcript. A folder that cannot be written (read-only, full) is reported once and the cache is
+        then skipped: the transcripts are still returned, only not kept."""
+        if self.unwritable:
+            return
         path = self._path(identity, audio_sha)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps({"asr": identity, "audio_sha256": audio_sha, "text": text}))
         except OSError as exc:
-            raise VGSKitError(f"transcript cache {self.folder}: cannot write {path.name}: {exc}") from exc
+            self.unwritable = True
+            log.warning("transcript cache %s cannot be written (%s); transcripts are not cached", self.folder, exc)
