@@ -293,14 +293,17 @@ def scan_part() -> dict:
     t16 = best_of(lambda: e16.search_batch(q, 10), 3)
     r32, r16 = e32.search_batch(q, 10)[1], e16.search_batch(q, 10)[1]
     single = best_of(lambda: e32.search_by_embedding(q[0], k=10))
+    scan_s = best_of(lambda: e32._coarse(q[0], 10))  # the engine's exact scan + top-10, without result objects
     return {
         "gallery": f"{n} x {d} float32 ({gbytes / 2**20:.0f} MiB), clustered synthetic",
         "read_bandwidth_gb_s": round(gbytes / read_s / 1e9, 2),
         "bandwidth_bound_ms": round(read_s * 1000, 2),
-        "gemv_ms": round(mv_only_s * 1000, 2),
-        "gemv_topk10_ms": round(mv_s * 1000, 2),
+        "torch_mv_ms": round(mv_only_s * 1000, 2),
+        "torch_mv_topk10_ms": round(mv_s * 1000, 2),
+        "torch_mv_vs_bandwidth_ratio": round(read_s / mv_only_s, 2),
+        "engine_scan_topk10_ms": round(scan_s * 1000, 2),
         "engine_single_query_ms": round(single * 1000, 2),
-        "scan_vs_bandwidth_ratio": round(read_s / mv_only_s, 2),
+        "scan_vs_bandwidth_ratio": round(read_s / scan_s, 2),
         "batch64_gemm_topk_ms": round(gemm_s * 1000, 2),
         "batch64_per_query_ms": round(gemm_s * 1000 / 64, 3),
         "engine_batch64_fp32_ms": round(t32 * 1000, 2),

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,10 @@ MIN_QUERY_SECONDS = 0.1
 GALLERY_DTYPES = ("fp32", "bf16")
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BOOL": np.bool_, "I64": np.int64,
               "I32": np.int32, "U8": np.uint8}
+
+
+#: Held by the one exact scan that runs on NumPy's BLAS at a time (see SearchEngine._coarse).
+_SCAN_LOCK = threading.Lock()
 
 
 class SearchIndexError(VGSKitError):
@@ -580,7 +585,21 @@ class SearchEngine:
     def _coarse(self, vec: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` best gallery rows for one pooled query: (scores, rows), best first, exact scores."""
         if self.ann is None:
-            scores = torch.mv(self.gallery.pooled, vec)  # one sequential pass over the contiguous gallery
+            gallery = self.gallery.pooled
+            # One sequential pass over the contiguous gallery. NumPy's BLAS (sgemv) streams a row-major gallery at
+            # the memory bandwidth where torch.mv reaches about 0.3x of it (1M x 256, 2 threads: 18 ms against a
+            # 20 ms read of the gallery by torch.sum, torch.mv 77 ms; benchmarks/serve_load.py). OpenBLAS called
+            # from many threads at once slows to a crawl, so one scan at a time takes that path and scans that
+            # arrive meanwhile (a server's other requests) use torch.mv: the same dot products, summed in
+            # another order (scores may differ in the last bit).
+            fast = gallery.dtype == torch.float32 and gallery.is_contiguous() and vec.dtype == torch.float32
+            if fast and _SCAN_LOCK.acquire(blocking=False):
+                try:
+                    scores = torch.from_numpy(np.dot(gallery.numpy(), vec.contiguous().numpy()))
+                finally:
+                    _SCAN_LOCK.release()
+            else:
+                scores = torch.mv(gallery, vec)
             top = torch.topk(scores, min(k, scores.shape[0]))
             return top.values, top.indices
         cand = self.ann.candidates(vec[None].numpy(), max(ann_mod.n_candidates(k), k))[0]
