@@ -145,26 +145,10 @@ def serve_part(args: argparse.Namespace, tmp: Path) -> dict:
     t = np.arange(32000) / 16000
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000, format="WAV")
-    port = free_port()
-    cmd = [sys.executable, "-m", "vgskit.cli", "serve", "--checkpoint", str(ckpt), "--index", f"g5k={tmp / 'g5k'}",
-           "--index", f"g1m={tmp / 'g1m'}", "--port", str(port), "--max-concurrent", "64",
-           "--max-connections", "512"]
-    # The server's log goes to a file: an unread pipe fills up and blocks the server on its next log line.
-    log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    start = time.perf_counter()
+    proc, port, log = start_server(tmp, ckpt, {"g5k": tmp / "g5k", "g1m": tmp / "g1m"}, "--max-concurrent", "64",
+                                   "--max-connections", "512")
     try:
-        import httpx
-
-        start = time.perf_counter()
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.perf_counter() - start > 120:
-                raise RuntimeError(f"vgskit serve did not start: {(tmp / 'serve.log').read_text()[-2000:]}")
-            time.sleep(0.3)
         out["startup_s"] = round(time.perf_counter() - start, 1)
         out["g5k"] = load_test(port, "g5k", dim, clients=args.clients, requests=args.requests, seconds=60,
                                audio=buf.getvalue())
@@ -172,13 +156,7 @@ def serve_part(args: argparse.Namespace, tmp: Path) -> dict:
                                audio=None)
         out["server_peak_rss_mb"] = round(peak_rss_mb(proc.pid), 1)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        log.close()
+        stop_server(proc, log)
     out["galleries"] = {"g5k": f"5,000 x {dim}", "g1m": f"1,000,000 x {dim}",
                         "data": "clustered synthetic unit vectors (1000 centres), the tiny model's width"}
     return out

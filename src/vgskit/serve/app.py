@@ -39,7 +39,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,34 +243,13 @@ def create_app(model: Any, indices: Mapping[str, SearchEngine], *, limits: Serve
     @app.get("/audio/{index}/{caption_id:path}", summary="The audio file of a spoken caption id")
     async def audio(index: str, caption_id: str) -> FileResponse:
         entry = _index_or_404(state, index)
-        path = entry.audio.get(caption_id)
-        if path is None:
-            raise HTTPException(404, f"index {entry.name!r} has no spoken caption with id {caption_id!r}")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(16)
-        except OSError:
-            log.warning("audio of caption %r in index %r is missing or unreadable: %s", caption_id, entry.name, path)
-            raise HTTPException(404, f"the audio of caption {caption_id!r} in index {entry.name!r} is missing on "
-                                     "the server") from None
-        return FileResponse(path, media_type=_AUDIO_TYPES.get(sniff(head) or "", "application/octet-stream"),
-                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
+        return _file_by_id(entry.audio, caption_id, entry.name, "spoken caption",
+                           lambda head: _AUDIO_TYPES.get(sniff(head) or "", "application/octet-stream"))
 
     @app.get("/images/{index}/{item_id:path}", summary="The image file of a gallery id")
     async def image(index: str, item_id: str) -> FileResponse:
         entry = _index_or_404(state, index)
-        path = entry.files.get(item_id)
-        if path is None:
-            raise HTTPException(404, f"index {entry.name!r} has no image with id {item_id!r}")
-        try:
-            with open(path, "rb") as f:
-                head = f.read(16)
-        except OSError:
-            log.warning("image of id %r in index %r is missing or unreadable: %s", item_id, entry.name, path)
-            raise HTTPException(404, f"the image of id {item_id!r} in index {entry.name!r} is missing on the server"
-                                ) from None
-        return FileResponse(path, media_type=_image_type(head),
-                            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
+        return _file_by_id(entry.files, item_id, entry.name, "image", _image_type)
 
     @app.get("/indices", summary="The indices served")
     async def list_indices() -> dict[str, Any]:
@@ -498,6 +477,23 @@ def _run_search(state: _State, entry: _Index, audio: bytes | None, vector: torch
     hits = [(h.item_id, h.score) for h in found]
     timing["search"] = time.perf_counter() - t0
     return hits, timing
+
+
+def _file_by_id(files: Mapping[str, str], item_id: str, index: str, what: str,
+                media_type: Callable[[bytes], str]) -> FileResponse:
+    """The file an index stores for ``item_id`` (never a path from the request), typed from its first bytes; 404
+    naming the id for an unknown one, and for a file gone from the server (logged with its path)."""
+    path = files.get(item_id)
+    if path is None:
+        raise HTTPException(404, f"index {index!r} has no {what} with id {item_id!r}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        log.warning("%s %r in index %r is missing or unreadable: %s", what, item_id, index, path)
+        raise HTTPException(404, f"the {what} {item_id!r} in index {index!r} is missing on the server") from None
+    return FileResponse(path, media_type=media_type(head),
+                        headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "public, max-age=3600"})
 
 
 def _image_type(head: bytes) -> str:
