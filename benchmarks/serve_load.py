@@ -9,6 +9,12 @@
    run, a 64-query batch as one GEMM, fp32 vs bf16 gallery (time and top-10 overlap).
 4. The approximate index at 1M x 512 on clustered unit vectors (``index_kind="auto"``): build time, ms/query and
    recall@10 against exact search (a GEMM over the whole gallery).
+5. ``ann_trained``: the same on embeddings with real structure: a trained model (``--checkpoint``, e.g. the demo's
+   run) embeds ``--gallery-rows`` newly generated spoken-scenes images (rendered in memory, the test split's
+   Fashion-MNIST pictures, a seed the corpus does not use), and the queries are its speech embeddings of the
+   corpus's spoken test captions (``--manifest``): recall@10 of the approximate index against exact search over
+   the whole gallery, ms per single query, build time. The rendered gallery's embeddings are kept in
+   ``--work-dir`` (keyed by checkpoint and size), so a rerun only rebuilds the index.
 
 Run: ``OMP_NUM_THREADS=2 python benchmarks/serve_load.py`` (prints and writes benchmarks/results/serve_load.json);
 ``--parts overhead,scan`` reruns some parts and keeps the others' results in the JSON.
@@ -316,19 +322,120 @@ def ann_part(n: int) -> dict:
             "exact_batched_ms_per_query": round(exact_ms, 2), "queries": int(q.shape[0])}
 
 
+def _render_chunk(task: tuple[int, int, int]) -> np.ndarray:
+    """Rendered scenes ``[m, S, S, 3]`` uint8 for gallery rows ``start .. start + m`` (a worker process)."""
+    from vgskit.data import synthetic as sy
+
+    start, m, size = task
+    images, labels = sy._load_fashion_mnist("t10k")
+    pools = sy._instance_pools("t10k", labels, "test")
+    config = sy.SpokenScenesConfig(num_train=0, num_val=0, num_test=1, image_size=size)
+    out = np.empty((m, size, size, 3), dtype=np.uint8)
+    for i in range(m):
+        row = start + i
+        rng = np.random.default_rng([GALLERY_SEED, row])
+        scene = sy._sample_scene(rng, config, pools)
+        glyphs = [images[o["fmnist_index"]] for o in scene["objects"]]
+        out[i] = np.asarray(sy._render(scene, glyphs, size, [GALLERY_SEED, row, 7]))
+    return out
+
+
+GALLERY_SEED = 9_000_001  # not a seed of any corpus preset, so no gallery scene is a corpus scene by construction
+
+
+def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chunk: int = 4096) -> np.ndarray:
+    """``[rows, D]`` float32 image embeddings of newly rendered scenes, cached (and resumed) in ``work_dir``."""
+    import hashlib
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    from vgskit.contract import ImageInputs
+    from vgskit.images import ImageTransform
+
+    weights = checkpoint / "model.safetensors"
+    tag = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(checkpoint).encode()).hexdigest()[:12]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = work_dir / f"gallery_{tag}_{rows}x{model.embed_dim}.f32"
+    done_path = path.with_suffix(".done")
+    done = int(done_path.read_text()) if done_path.is_file() else 0
+    emb = np.memmap(path, dtype=np.float32, mode="r+" if path.is_file() else "w+", shape=(rows, model.embed_dim))
+    transform = ImageTransform.from_json(dict(model.image_transform))
+    size = int(transform.size)
+    mean = torch.tensor(transform.mean).view(1, 3, 1, 1)
+    std = torch.tensor(transform.std).view(1, 3, 1, 1)
+    tasks = [(s, min(chunk, rows - s), size) for s in range(done, rows, chunk)]
+    bar = tqdm(total=rows, initial=done, desc="gallery (render + embed)", unit="image")
+    # One process renders the next chunk while this one embeds the current one.
+    with mp.get_context("spawn").Pool(1) as pool, torch.no_grad():
+        for (start, m, _), pixels in zip(tasks, pool.imap(_render_chunk, tasks), strict=True):
+            x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
+            x = (x - mean) / std  # the model's normalisation; scenes are rendered at its input size
+            for b in range(0, m, 256):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    e = model.embed_image(ImageInputs.from_pixels(x[b:b + 256])).pooled
+                e = torch.nn.functional.normalize(e.float(), dim=-1)
+                emb[start + b:start + b + e.shape[0]] = e.numpy()
+            emb.flush()
+            done_path.write_text(str(start + m))
+            bar.update(m)
+    bar.close()
+    return np.asarray(emb)
+
+
+def ann_trained_part(checkpoint: Path, manifest: Path, rows: int, work_dir: Path) -> dict:
+    from vgskit.experiment import load_model, make_dataset
+    from vgskit.retrieval.evaluate import embed_speech
+
+    model = load_model(checkpoint).eval()
+    test = make_dataset(manifest, "test", model.image_transform, max_seconds=None, preload=True, progress=False)
+    queries = embed_speech(model, test, precision="bf16").pooled.float()
+    queries = torch.nn.functional.normalize(queries, dim=-1)
+    t0 = time.perf_counter()
+    x = trained_gallery(model, rows, work_dir, Path(checkpoint))
+    gallery_s = time.perf_counter() - t0
+    ids = [str(i) for i in range(rows)]
+    t0 = time.perf_counter()
+    engine = SearchEngine(model, torch.from_numpy(x), ids, ids, index_kind="auto", memory_budget_mb=1024)
+    build_s = time.perf_counter() - t0
+    g = torch.from_numpy(x)
+    from vgskit.retrieval.ann import exact_topk
+
+    t0 = time.perf_counter()
+    truth = exact_topk(g, queries, 10)
+    exact_ms = (time.perf_counter() - t0) * 1000 / queries.shape[0]
+    found = []
+    t0 = time.perf_counter()
+    for i in range(queries.shape[0]):
+        found.append([int(h.item_id) for h in engine.search_by_embedding(queries[i], k=10)])
+    per_query = (time.perf_counter() - t0) * 1000 / queries.shape[0]
+    return {"gallery": f"{rows} x {x.shape[1]} image embeddings of newly rendered spoken-scenes images, model {checkpoint}",
+            "queries": f"{queries.shape[0]} speech embeddings of the spoken test captions of {manifest}",
+            "gallery_embed_s": round(gallery_s, 1), "kind": engine.index_kind, "params": engine.index_info["params"],
+            "build_s": round(build_s, 1), "build_recall_at_10": engine.index_info["recall_at_10"],
+            "ms_per_query": round(per_query, 3), "recall_at_10_vs_exact": round(overlap(torch.tensor(found), truth), 4),
+            "exact_batched_ms_per_query": round(exact_ms, 2)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=50)
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--ann-rows", type=int, default=1_000_000)
     p.add_argument("--out", default=str(ROOT / "results" / "serve_load.json"))
+    p.add_argument("--checkpoint", default="runs/demo", help="ann_trained: the trained model (a run folder)")
+    p.add_argument("--manifest", default=None,
+                   help="ann_trained: the corpus whose spoken test captions are the queries (default: the demo's)")
+    p.add_argument("--gallery-rows", type=int, default=1_000_000, help="ann_trained: generated gallery size")
+    p.add_argument("--work-dir", default=None, help="ann_trained: where the gallery embeddings are kept "
+                   "(default: $VGSKIT_CACHE or ~/.cache/vgskit, under bench/)")
     p.add_argument("--parts", default="serve,overhead,scan,ann",
                    help="comma-separated parts to run; the others keep their results from an existing --out file")
     args = p.parse_args()
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
-    unknown = sorted(set(parts) - {"serve", "overhead", "scan", "ann"})
+    unknown = sorted(set(parts) - {"serve", "overhead", "scan", "ann", "ann_trained"})
     if unknown:
-        p.error(f"--parts: unknown part(s) {unknown}; choose from serve, overhead, scan, ann")
+        p.error(f"--parts: unknown part(s) {unknown}; choose from serve, overhead, scan, ann, ann_trained")
     out = Path(args.out)
     result: dict = json.loads(out.read_text()) if out.is_file() else {}
     result.update(threads=torch.get_num_threads(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
@@ -343,6 +450,12 @@ def main() -> int:
                 result["overhead"] = overhead_part(Path(tmp))
         elif part == "scan":
             result["scan"] = scan_part()
+        elif part == "ann_trained":
+            from vgskit.data.synthetic import default_cache_dir, preset_dir
+
+            manifest = Path(args.manifest) if args.manifest else preset_dir("demo") / "manifest.jsonl"
+            work = Path(args.work_dir) if args.work_dir else default_cache_dir() / "bench"
+            result["ann_trained"] = ann_trained_part(Path(args.checkpoint), manifest, args.gallery_rows, work)
         else:
             result["ann"] = ann_part(args.ann_rows)
         result[part]["part_s"] = round(time.perf_counter() - t0, 1)

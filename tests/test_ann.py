@@ -47,18 +47,24 @@ def test_selection_rule():
     assert hnsw.kind == "hnsw" and hnsw.params["M"] == 32
     # 200k x (512 + 256) x 1.1 = 161 MiB: over a 100 MiB budget the rule falls to IVF-PQ
     assert A.choose_index_kind(200_000, 512, memory_budget_mb=100).kind == "ivfpq"
+    # 1M x (512 + 8) bytes of SQ8 codes and ids + 4096 x 512 x 4 of centroids = 504 MiB <= 1024 MiB
     big = A.choose_index_kind(1_000_000, 512, memory_budget_mb=1024)
-    assert (big.kind, big.params) == ("ivfpq", {"nlist": 1024, "m": 64, "nbits": 8})  # 2^round(log2 1000)
+    assert (big.kind, big.params) == ("ivfsq", {"nlist": 4096})  # 2^round(log2(4 * 1000))
+    assert A.choose_index_kind(1_000_000, 512, memory_budget_mb=500).kind == "ivfpq"  # 504 MiB > 500
+    pq = A.choose_index_kind(1_000_000, 512, memory_budget_mb=400)
+    assert (pq.kind, pq.params) == ("ivfpq", {"nlist": 1024, "m": 64, "nbits": 8})  # 2^round(log2 1000)
     small = A.choose_index_kind(1_000_000, 512, memory_budget_mb=30)  # 1M x (m + 8) bytes <= 30 MiB - lists
     assert small.kind == "ivfpq" and small.params["m"] == 16 and 512 % small.params["m"] == 0
     with pytest.raises(A.AnnError, match="memory budget of 5 MiB"):
         A.choose_index_kind(1_000_000, 512, memory_budget_mb=5)
-    with pytest.raises(A.AnnError, match="index kind 'flat' is not one of auto, exact, hnsw, ivfpq"):
+    with pytest.raises(A.AnnError, match="index kind 'flat' is not one of auto, exact, hnsw, ivfsq, ivfpq"):
         A.choose_index_kind(10, 4, kind="flat")
+    with pytest.raises(A.AnnError, match="IVF-SQ8 index of 1000000 x 512 needs about 496 MiB"):
+        A.choose_index_kind(1_000_000, 512, memory_budget_mb=400, kind="ivfsq")
     assert A.choose_index_kind(10, 4, kind="hnsw").kind == "hnsw"  # forced kinds are honoured
 
 
-@pytest.mark.parametrize("kind", ["ivfpq", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivfpq", "ivfsq", "hnsw"])
 def test_approximate_recall_against_numpy_exact(model, tmp_path, kind):
     n = 20_000
     gallery = _clustered(n, DIM)

@@ -374,9 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--work-dir", default=None,
                    help="folder for finished shards, reused by a rerun after an interruption (default: OUT.work, "
                         "removed once the index is saved)")
-    i.add_argument("--index-kind", choices=["auto", "exact", "hnsw", "ivfpq"], default="auto",
+    i.add_argument("--index-kind", choices=["auto", "exact", "hnsw", "ivfsq", "ivfpq"], default="auto",
                    help="exact scan, or an approximate FAISS index (needs the 'faiss' extra); auto: exact up to "
-                        "128 MiB of embeddings, then HNSW or IVF-PQ by size and --memory-budget-mb")
+                        "128 MiB of embeddings, then HNSW, IVF-SQ8 or IVF-PQ by size and --memory-budget-mb")
     i.add_argument("--memory-budget-mb", type=float, default=1024.0,
                    help="memory the approximate index may use, in MiB (default: 1024)")
     i.add_argument("--no-captions", action="store_true",

@@ -58,7 +58,7 @@ from vgskit.precision import autocast, resolve_precision
 from vgskit.retrieval import ann as ann_mod
 
 # 2: index.json records the embeddings file's size and SHA-256 and the identity of the model that built it.
-# 3: the index kind (exact, hnsw, ivfpq) with its recall@10 and ``ann.faiss``; spoken captions; memory-mapped load.
+# 3: the index kind (exact, hnsw, ivfsq, ivfpq) with its recall@10 and ``ann.faiss``; spoken captions; memory-mapped load.
 INDEX_FORMAT_VERSION = 3
 INDEX_JSON = "index.json"
 INDEX_TENSORS = "index.safetensors"
@@ -161,7 +161,7 @@ class SearchEngine:
 
     Args:
         index_kind: ``"auto"`` (the rule of :func:`vgskit.retrieval.ann.choose_index_kind`), ``"exact"``,
-            ``"hnsw"`` or ``"ivfpq"``.
+            ``"hnsw"``, ``"ivfsq"`` or ``"ivfpq"``.
         memory_budget_mb: memory the approximate index may take (the rule sizes it to fit).
         gallery_dtype: ``"fp32"``, or ``"bf16"`` to keep a bfloat16 copy of the gallery that
             :meth:`search_batch` multiplies with (half the bytes per scan; scores to ~3 digits).
@@ -240,7 +240,7 @@ class SearchEngine:
 
     @property
     def index_kind(self) -> str:
-        """``"exact"``, ``"hnsw"`` or ``"ivfpq"``."""
+        """``"exact"``, ``"hnsw"``, ``"ivfsq"`` or ``"ivfpq"``."""
         return str(self.index_info["kind"])
 
     def describe(self) -> str:
@@ -477,7 +477,7 @@ class SearchEngine:
                 raise SearchIndexError(f"{where}: inconsistent captions ({e})") from e
         info = meta["index"]
         kind = info.get("kind")
-        if kind not in ("exact", "hnsw", "ivfpq"):
+        if kind not in ann_mod.INDEX_KINDS or kind == "auto":
             raise SearchIndexError(f"{where}: {INDEX_JSON} names an unknown index kind {kind!r}")
         ann = None
         if kind != "exact":
