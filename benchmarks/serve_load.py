@@ -351,10 +351,13 @@ def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chu
     from tqdm import tqdm
 
     from vgskit.contract import ImageInputs
+    from vgskit.fileio import write_text_atomic
     from vgskit.images import ImageTransform
+    from vgskit.train.checkpoint import resolve_model_folder
 
-    weights = checkpoint / "model.safetensors"
-    tag = hashlib.sha256(weights.read_bytes() if weights.is_file() else str(checkpoint).encode()).hexdigest()[:12]
+    # Keyed by the weights themselves, so a model retrained into the same folder never reuses stale embeddings.
+    weights = Path(resolve_model_folder(checkpoint)) / "model.safetensors"
+    tag = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     work_dir.mkdir(parents=True, exist_ok=True)
     path = work_dir / f"gallery_{tag}_{rows}x{model.embed_dim}.f32"
     done_path = path.with_suffix(".done")
@@ -376,8 +379,8 @@ def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chu
                     e = model.embed_image(ImageInputs.from_pixels(x[b:b + 256])).pooled
                 e = torch.nn.functional.normalize(e.float(), dim=-1)
                 emb[start + b:start + b + e.shape[0]] = e.numpy()
-            emb.flush()
-            done_path.write_text(str(start + m))
+            emb.flush()  # the rows on disk first, then the marker that counts them (replaced atomically)
+            write_text_atomic(done_path, str(start + m))
             bar.update(m)
     bar.close()
     return np.asarray(emb)
