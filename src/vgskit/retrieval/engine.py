@@ -166,6 +166,10 @@ class SearchEngine:
         gallery_dtype: ``"fp32"``, or ``"bf16"`` to keep a bfloat16 copy of the gallery that
             :meth:`search_batch` multiplies with (half the bytes per scan; scores to ~3 digits).
         captions: spoken captions for :meth:`search_by_image`.
+        tuning_queries: ``[Q, D]`` examples of the queries an approximate index will answer, to tune its search
+            parameter on (see :func:`vgskit.retrieval.ann.build_ann`); by default the captions' embeddings when
+            the index holds spoken captions (speech queries sit apart from image embeddings), else noisy gallery
+            rows.
 
     Example::
 
@@ -178,7 +182,8 @@ class SearchEngine:
                  image_paths: Sequence[str], *, captions: CaptionSet | None = None, index_kind: str = "auto",
                  memory_budget_mb: float = ann_mod.DEFAULT_MEMORY_BUDGET_MB, gallery_dtype: str = "fp32",
                  ann: ann_mod.AnnIndex | None = None, index_info: dict[str, Any] | None = None,
-                 progress: bool = False, precision: str = "fp32"):
+                 progress: bool = False, precision: str = "fp32",
+                 tuning_queries: torch.Tensor | np.ndarray | None = None):
         emb = image_emb if isinstance(image_emb, Embeddings) else Embeddings(image_emb.float())
         if len(image_ids) == 0 and emb.pooled.shape[0] == 0:
             raise SearchIndexError("the gallery is empty: there are no images to search")
@@ -229,7 +234,10 @@ class SearchEngine:
                 if progress:
                     print(f"building a {choice.kind} index over {n} x {d} ({choice.reason})", flush=True)
                 try:
-                    self.ann, self.index_info = ann_mod.build_ann(self.gallery.pooled.numpy(), choice)
+                    if tuning_queries is None and captions is not None:
+                        tuning_queries = captions.emb.pooled
+                    tq = None if tuning_queries is None else np.asarray(torch.as_tensor(tuning_queries).float())
+                    self.ann, self.index_info = ann_mod.build_ann(self.gallery.pooled.numpy(), choice, queries=tq)
                 except ann_mod.AnnError as e:
                     raise SearchIndexError(str(e)) from None
 
