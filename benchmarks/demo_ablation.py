@@ -54,6 +54,8 @@ VARIANTS: dict[str, list[str]] = {
                                                "data.captions_per_image=1"],
     "k9 + attention pooling (the recipe now)": ["model.audio.kernel_size=9", "model.audio_pool=attention"],
     "k11 + attention pooling": ["model.audio.kernel_size=11", "model.audio_pool=attention"],
+    "k9 + attention + stem kernel 5": ["model.audio.kernel_size=9", "model.audio_pool=attention",
+                                       "model.audio.stem_kernel=5"],
 }
 
 
