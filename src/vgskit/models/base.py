@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from vgskit.contract import Batch, Embeddings, ImageInputs, SpeechInputs, StepOutput, TrainState
 from vgskit.errors import ConfigError
+from vgskit.losses import InfoNCELoss, unique_images
 
 
 class RetrievalModel(nn.Module):
@@ -243,6 +244,31 @@ class RetrievalModel(nn.Module):
             The overrides to build the model with. Default: ``config`` unchanged.
         """
         return config
+
+
+class InBatchSoftmaxStep:
+    """The training step of a dual encoder with a bidirectional in-batch softmax (``self.loss``, an
+    :class:`~vgskit.losses.InfoNCELoss`): embed the batch's speech (or text) inputs and its distinct images, each
+    distinct image once, then the loss over them; one loss, ``infonce``, and the ``logit_scale`` metric.
+
+    Mixed in before :class:`RetrievalModel` (``class M(InBatchSoftmaxStep, RetrievalModel)``). Written as the two
+    gradient-cache methods, so that a grad-cached step (``train.grad_cache_chunk``) computes the same thing.
+    """
+
+    loss: InfoNCELoss
+
+    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
+        speech = self.embed_speech(batch.speech).pooled  # type: ignore[attr-defined]  # [B, E]
+        first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
+        image = self.embed_image(batch.image.select(first)).pooled[target]  # type: ignore[attr-defined]  # [B, E]
+        return {"speech": speech, "image": image}
+
+    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
+        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
+        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
+
+    def step(self, batch: Batch, state: TrainState) -> StepOutput:
+        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 def _defining_class(cls: type, name: str) -> type | None:

@@ -12,7 +12,6 @@ Presets:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,15 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgskit.contract import Batch, StepOutput, TrainState
 from vgskit.encoders.audio_cnn import AudioCNNConfig, AudioCNNEncoder
 from vgskit.encoders.image_cnn import ImageCNNConfig, ImageCNNEncoder
 from vgskit.errors import ConfigError
 from vgskit.features import LogMelConfig
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 from vgskit.layers import AttentionPool1d, lengths_to_mask, masked_mean
-from vgskit.losses import InfoNCELoss, unique_images
-from vgskit.models.base import RetrievalModel
+from vgskit.losses import InfoNCELoss
+from vgskit.models.base import InBatchSoftmaxStep, RetrievalModel
 from vgskit.models.registry import register_model
 
 POOLINGS = ("mean", "attention")
@@ -94,11 +92,11 @@ class DualEncoderConfig:
             raise ConfigError(f"DualEncoderConfig.embed_dim must be positive, got {self.embed_dim}")
 
 
-class DualEncoder(RetrievalModel):
+class DualEncoder(InBatchSoftmaxStep, RetrievalModel):
     """Two towers + linear projections to a shared space + :class:`~vgskit.losses.InfoNCELoss`.
 
-    Reads waveforms and pixels; its step encodes each distinct image of the batch once (captions of the same
-    image share an id) and returns one loss, ``infonce``.
+    Reads waveforms and pixels; its step (:class:`~vgskit.models.base.InBatchSoftmaxStep`) encodes each distinct
+    image of the batch once (captions of the same image share an id) and returns one loss, ``infonce``.
     """
 
     config_class = DualEncoderConfig
@@ -165,22 +163,6 @@ class DualEncoder(RetrievalModel):
         else:
             pooled = out.pooled  # [B, D_i]
         return F.normalize(self.image_proj(pooled), dim=-1)  # [B, E]
-
-    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
-        speech = self.embed_speech(batch.speech).pooled  # [B, E]
-        # Encode each distinct image once (batches hold 2 captions per image, so this halves image compute),
-        # then expand back to one row per caption for the loss.
-        first, target = unique_images(batch.image_ids)  # [M], [B]
-        image = self.embed_image(batch.image.select(first)).pooled[target]  # [B, E]
-        return {"speech": speech, "image": image}
-
-    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
-        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
-        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
-
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
-        # Written through the two gradient-cache methods so that a grad-cached step computes the same thing.
-        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 def sinusoidal_positions(length: int, dim: int, like: Tensor) -> Tensor:

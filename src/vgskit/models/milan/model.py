@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vgskit.contract import Batch, Embeddings, SpeechInputs, StepOutput, TrainState
+from vgskit.contract import Embeddings, SpeechInputs
 from vgskit.encoders.efficientnet import LITE0_TRANSFORM, EfficientNetLite0Encoder
 from vgskit.encoders.hub import MissingWeightsError
 from vgskit.encoders.image_cnn import ImageCNNConfig, ImageCNNEncoder
@@ -45,8 +45,8 @@ from vgskit.encoders.pretrained_speech import PretrainedSpeechConfig, Pretrained
 from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 from vgskit.layers import ImageEncoderOutput
-from vgskit.losses import InfoNCELoss, unique_images
-from vgskit.models.base import RetrievalModel
+from vgskit.losses import InfoNCELoss
+from vgskit.models.base import InBatchSoftmaxStep, RetrievalModel
 from vgskit.models.milan.blocks import ResNet1d, ResNet1dConfig, ShallowCNN, ShallowCNNConfig
 from vgskit.models.milan.frontends import FrontendConfig, MilanFrontend
 from vgskit.models.registry import register_model
@@ -154,28 +154,6 @@ def build_image_tower(config: ImageTowerConfig) -> nn.Module:
             p.requires_grad_(False)
         tower.eval()
     return tower
-
-
-class InBatchSoftmaxStep:
-    """The training step of MILAN's dual encoders (speech or text ⟷ image): embed the batch's language inputs and
-    its distinct images, then the bidirectional in-batch softmax (``self.loss``, an
-    :class:`~vgskit.losses.InfoNCELoss`). Written as the two gradient-cache methods, so that a grad-cached step
-    (``train.grad_cache_chunk``, which the recipes use to reach the paper's batch of 1,024) computes the same."""
-
-    loss: InfoNCELoss
-
-    def embed_for_loss(self, batch: Batch) -> dict[str, Tensor]:
-        speech = self.embed_speech(batch.speech).pooled  # type: ignore[attr-defined]  # [B, E]
-        first, target = unique_images(batch.image_ids)  # [M], [B]: each distinct image is encoded once
-        image = self.embed_image(batch.image.select(first)).pooled[target]  # type: ignore[attr-defined]  # [B, E]
-        return {"speech": speech, "image": image}
-
-    def loss_from_embeddings(self, embeddings: Mapping[str, Tensor], batch: Batch, state: TrainState) -> StepOutput:
-        loss = self.loss(embeddings["speech"], embeddings["image"], batch.image_ids)
-        return StepOutput(losses={"infonce": loss}, metrics={"logit_scale": self.loss.scale().detach()})
-
-    def step(self, batch: Batch, state: TrainState) -> StepOutput:
-        return self.loss_from_embeddings(self.embed_for_loss(batch), batch, state)
 
 
 class Milan(InBatchSoftmaxStep, RetrievalModel):

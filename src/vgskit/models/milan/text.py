@@ -34,8 +34,8 @@ from vgskit.encoders.image_cnn import ImageCNNConfig
 from vgskit.errors import ConfigError
 from vgskit.images import IMAGENET_MEAN, IMAGENET_STD
 from vgskit.losses import InfoNCELoss
-from vgskit.models.base import RetrievalModel
-from vgskit.models.milan.model import ImageTowerConfig, InBatchSoftmaxStep, build_image_tower
+from vgskit.models.base import InBatchSoftmaxStep, RetrievalModel
+from vgskit.models.milan.model import ImageTowerConfig, build_image_tower
 from vgskit.models.milan.tokenizer import BPETokenizer, learn_bpe
 from vgskit.models.registry import register_model
 
