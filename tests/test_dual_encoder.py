@@ -302,11 +302,57 @@ def test_image_pooling_options(pool: str) -> None:
     torch.testing.assert_close(emb, expected)
 
 
+@pytest.mark.parametrize(("pool", "heads"), [("mean", 1), ("max", 1), ("attention", 1), ("attention", 3)])
+def test_audio_pooling_options_keep_padding_invariance(pool: str, heads: int) -> None:
+    torch.manual_seed(0)
+    # float64, as in test_padding_does_not_change_speech_embedding: only a leak can show at 1e-9.
+    model = create_model("dual_encoder_tiny", audio_pool=pool, audio_pool_heads=heads).double().eval()
+    _activate_residual_branches(model)
+    with torch.no_grad():
+        for p in model.parameters():  # a random score layer: a zero one would give every frame the same weight
+            p.add_(0.3 * torch.randn_like(p))
+    batch = _batch()
+    wavs = batch["wavs"].double()
+    with torch.no_grad():
+        emb = model.encode_speech(wavs, batch["lengths"])
+        out = model.audio_encoder(wavs, batch["lengths"])
+    width = model.audio_encoder.width
+    assert emb.shape == (len(wavs), model.embed_dim)
+    for b in (0, 3):
+        frames = out.last_hidden_state[b, : int(out.lengths[b])]  # [T_b, D]: valid frames only
+        if pool == "mean":
+            pooled = frames.mean(0)
+        elif pool == "max":
+            pooled = frames.amax(0)
+        else:  # one softmax over time per head, each head a weighted average of the frames, concatenated
+            weights = torch.softmax(frames @ model.audio_pool.score.weight.T + model.audio_pool.score.bias, dim=0)
+            pooled = torch.cat([(weights[:, h : h + 1] * frames).sum(0) for h in range(heads)])
+        assert pooled.shape == (heads * width,)
+        expected = torch.nn.functional.normalize(model.audio_proj(pooled), dim=-1)
+        torch.testing.assert_close(emb[b], expected, atol=1e-9, rtol=0)
+        n = int(batch["lengths"][b])
+        padded = torch.cat([wavs[b : b + 1, :n], torch.full((1, 7777), 5.0, dtype=torch.float64)], dim=1)
+        with torch.no_grad():
+            torch.testing.assert_close(model.encode_speech(padded, batch["lengths"][b : b + 1])[0], emb[b],
+                                       atol=1e-9, rtol=0)
+    if heads > 1:  # the heads attend differently, so the concatenated halves differ
+        with torch.no_grad():
+            pooled = model.audio_pool(out.last_hidden_state, torch.arange(out.last_hidden_state.shape[1])[None]
+                                      < out.lengths[:, None])  # [B, H * D]
+        assert (pooled[:, :width] - pooled[:, width : 2 * width]).abs().max() > 1e-3
+
+
 def test_dual_encoder_option_errors() -> None:
     with pytest.raises(ConfigError, match="image_pool"):
         create_model("dual_encoder_tiny", image_pool="median")
     with pytest.raises(ConfigError, match="audio_context_layers"):
         create_model("dual_encoder_tiny", audio_context_layers=-1)
+    with pytest.raises(ConfigError, match="audio_pool"):
+        create_model("dual_encoder_tiny", audio_pool="median")
+    with pytest.raises(ConfigError, match="audio_pool_heads"):
+        create_model("dual_encoder_tiny", audio_pool="attention", audio_pool_heads=0)
+    with pytest.raises(ConfigError, match="needs audio_pool='attention'"):
+        create_model("dual_encoder_tiny", audio_pool="max", audio_pool_heads=4)
 
 
 @pytest.mark.parametrize("batch", [9, 11, 13])

@@ -63,6 +63,27 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path, stop_at, amp):
     assert read_metrics(tmp_path / "split", "train")[-1]["loss"] == read_metrics(tmp_path / "full", "train")[-1]["loss"]
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_amp_on_a_cpu_without_native_bf16_trains_fp32(tmp_path, monkeypatch, caplog, native_bf16):
+    import vgskit.precision as precision
+
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: native_bf16)
+    monkeypatch.setattr(precision, "_warned", set())
+    fp32 = _trainer(tmp_path / "fp32", dropout=0.0, max_steps=3, amp=False)
+    assert fp32.fit()["autocast"] is None
+    with caplog.at_level("WARNING"):
+        amp = _trainer(tmp_path / "amp", dropout=0.0, max_steps=3, amp=True)
+        summary = amp.fit()
+    a, b = _weights(fp32), _weights(amp)
+    if native_bf16:  # bf16 autocast ran: its rounding shows in the weights
+        assert summary["autocast"] == "bfloat16"
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    else:  # emulated bf16 would only be slower: the run is the fp32 run, bit for bit, and says why
+        assert summary["autocast"] is None
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert "no native bf16" in caplog.text and "running fp32 instead" in caplog.text
+
+
 def test_resume_detects_a_wrong_position(tmp_path):
     """Guard for the test above: resuming at another position in the epoch does change the result."""
     full = _trainer(tmp_path / "full", dropout=0.0, max_steps=6)

@@ -181,18 +181,23 @@ class ResBlock2d(nn.Module):
 
 
 class AttentionPool1d(nn.Module):
-    """Masked attention pooling: a learned score per frame, softmax over valid frames, weighted sum.
+    """Masked attention pooling: learned scores per frame, softmax over valid frames, weighted sums.
 
-    Input ``x [B, T, D]`` and ``mask [B, T]``; output ``[B, D]``.
+    With ``heads > 1`` each head has its own scores and the weighted sums are concatenated, so one utterance
+    that names several things can keep each of them instead of averaging them into one vector.
+    Input ``x [B, T, D]`` and ``mask [B, T]``; output ``[B, heads * D]``.
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, heads: int = 1):
         super().__init__()
-        self.score = nn.Linear(dim, 1)
+        if heads < 1:
+            raise ValueError(f"AttentionPool1d: heads must be >= 1, got {heads}")
+        self.heads = heads
+        self.score = nn.Linear(dim, heads)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         # x: [B, T, D]; mask: [B, T]
-        scores = self.score(x).squeeze(-1)  # [B, T]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        weights = scores.softmax(dim=-1).unsqueeze(-1)  # [B, T, 1]
-        return (weights * x).sum(dim=1)
+        scores = self.score(x)  # [B, T, H]
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        weights = scores.softmax(dim=1)  # [B, T, H]
+        return torch.einsum("bth,btd->bhd", weights, x).flatten(1)  # [B, H * D]

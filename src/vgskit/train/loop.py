@@ -294,6 +294,13 @@ class Trainer:
                                   f"train with a gradient cache: {problem}; set train.grad_cache_chunk: null")
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # bf16 autocast on a CPU without native bf16 would be emulated, slower than fp32: train fp32 there
+        # (one warning), as --precision bf16 does for evaluation.
+        self.amp = cfg.amp
+        if cfg.amp and self.device.type == "cpu":
+            from vgskit.precision import resolve_precision
+
+            self.amp = resolve_precision("bf16", self.device) == "bf16"
         # bf16 autocast needs no loss scaling; fp16 on CUDA does.
         use_scaler = cfg.amp and self.device.type == "cuda"
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
@@ -518,7 +525,7 @@ class Trainer:
         return TrainState(step=step, epoch=int(epoch_float), epoch_float=epoch_float, total_steps=self.total_steps)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.cfg.amp)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def _check_finite(self, out: StepOutput) -> None:
         # Agreed across ranks, so that no rank stops while the others wait in a collective.
@@ -786,6 +793,7 @@ class Trainer:
             "best_checkpoint": str(best_dir) if best_dir.is_dir() else None,
             "elapsed_s": p.elapsed_s,
             "resumed_from_step": resumed_at,
+            "autocast": str(self.amp_dtype).removeprefix("torch.") if self.amp else None,
         }
 
 
