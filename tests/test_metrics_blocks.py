@@ -58,16 +58,17 @@ def test_one_pass_matches_brute_force_on_a_larger_gallery(ties: str) -> None:
 
 def test_one_pass_recounts_when_the_relevant_scores_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
     """If the tiles' relevant scores differ from the main pass's (another BLAS kernel), the ranks still follow
-    the main pass: image -> speech is counted again with its values."""
+    the main pass: both directions are counted again with its values."""
     speech, image, caption_image = make_data(5, n_images=30, dim=5, quantised=False)
     want = two_scorer_ranks(speech, image, caption_image, 16, "pessimistic")
-    original = metrics._best_positive_scores
+    original = metrics._relevant_scores
 
-    def off_by_one_ulp(*args: torch.Tensor) -> torch.Tensor:
-        best = original(*args)
-        return torch.nextafter(best, torch.full_like(best, float("inf")))
+    def off_by_one_ulp(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, positive = original(*args)
+        up = torch.nextafter(positive, torch.full_like(positive, float("inf")))
+        return metrics._best_of(up, args[2], len(args[1])), up
 
-    monkeypatch.setattr(metrics, "_best_positive_scores", off_by_one_ulp)
+    monkeypatch.setattr(metrics, "_relevant_scores", off_by_one_ulp)
     calls: list[int] = []
     blocks = metrics.dot_product_blocks
 
@@ -84,6 +85,76 @@ def test_one_pass_recounts_when_the_relevant_scores_disagree(monkeypatch: pytest
     got = dot_product_ranks(speech, image, caption_image, chunk_size=16)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert sum(calls) == 2 * len(speech)  # main pass + the recount
+
+
+@pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
+@pytest.mark.parametrize(("chunk_images", "chunk"), [(5, 7), (1, 64), (22, 3), (8, 10_000)])
+@pytest.mark.parametrize(("seed", "quantised"), [(0, True), (2, False)])
+def test_gallery_chunks_give_the_same_ranks(monkeypatch: pytest.MonkeyPatch, seed: int, quantised: bool,
+                                            chunk_images: int, chunk: int, ties: str) -> None:
+    """A gallery cut into column chunks (uneven ones included) ranks exactly as the two-scorer path, every
+    caption-image pair is scored once, and no block is wider than a chunk."""
+    speech, image, caption_image = make_data(seed, n_images=23, dim=4, quantised=quantised)
+    monkeypatch.setattr(metrics, "_FUSED_GALLERY_BYTES", chunk_images * 4 * 4)  # chunk_images images of dim 4
+    width = metrics.fused_gallery_chunk(len(image), 4, 4)
+    assert width == -(-23 // -(-23 // chunk_images))  # equal chunks of at most chunk_images
+    shapes: list[tuple[int, int]] = []
+    original = metrics.DotProductBlock.__call__
+
+    def recording(self, rows, out=None, cols=None):  # type: ignore[no-untyped-def]
+        result = original(self, rows, out=out, cols=cols)
+        shapes.append(tuple(result.shape))  # type: ignore[arg-type]
+        return result
+
+    monkeypatch.setattr(metrics.DotProductBlock, "__call__", recording)
+    got = dot_product_ranks(speech, image, caption_image, chunk_size=chunk, ties=ties)  # type: ignore[arg-type]
+    monkeypatch.setattr(metrics.DotProductBlock, "__call__", original)
+    want = two_scorer_ranks(speech, image, caption_image, chunk, ties)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(cols <= width and rows <= chunk for rows, cols in shapes)
+    scored = sum(rows * cols for rows, cols in shapes)
+    if quantised:  # exact scores: the tiles agree with the main pass, no recount
+        assert scored == len(speech) * len(image)
+    else:  # float rounding may differ between tile and block shapes: then one recount, never more
+        assert scored in (len(speech) * len(image), 2 * len(speech) * len(image))
+    scores = speech @ image.T
+    assert_same(recall_at_k(speech, image, caption_image, KS, chunk_size=chunk, ties=ties),  # type: ignore[arg-type]
+                brute_metrics(scores.tolist(), scores.T.tolist(), caption_image.tolist(), KS, ties))
+
+
+def test_gallery_chunks_recount_when_the_relevant_scores_disagree(monkeypatch: pytest.MonkeyPatch) -> None:
+    speech, image, caption_image = make_data(5, n_images=30, dim=5, quantised=False)
+    want = two_scorer_ranks(speech, image, caption_image, 16, "pessimistic")
+    monkeypatch.setattr(metrics, "_FUSED_GALLERY_BYTES", 7 * 5 * 4)  # 5 chunks of 6 images
+    original = metrics._relevant_scores
+
+    def off_by_one_ulp(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        best, positive = original(*args)
+        down = torch.nextafter(positive, torch.full_like(positive, float("-inf")))
+        return metrics._best_of(down, args[2], len(args[1])), down
+
+    monkeypatch.setattr(metrics, "_relevant_scores", off_by_one_ulp)
+    pairs: list[int] = []
+    call = metrics.DotProductBlock.__call__
+
+    def counting(self, rows, out=None, cols=None):  # type: ignore[no-untyped-def]
+        result = call(self, rows, out=out, cols=cols)
+        pairs.append(result.numel())
+        return result
+
+    monkeypatch.setattr(metrics.DotProductBlock, "__call__", counting)
+    got = dot_product_ranks(speech, image, caption_image, chunk_size=16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert sum(pairs) == 2 * len(speech) * len(image)  # main pass + the recount
+
+
+@pytest.mark.parametrize(("n_images", "dim", "chunks"),
+                         [(5_000, 512, 2), (20_000, 512, 5), (4_096, 512, 1), (1, 512, 1), (100, 2**20, 50),
+                          (10, 2**22, 10)])
+def test_fused_gallery_chunk(n_images: int, dim: int, chunks: int) -> None:
+    width = metrics.fused_gallery_chunk(n_images, dim, 4)
+    assert -(-n_images // width) == chunks
+    assert width * dim * 4 <= max(metrics._FUSED_GALLERY_BYTES, dim * 4)
 
 
 def test_one_pass_holds_one_bounded_block(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,6 +68,7 @@ __all__ = [
     "dot_product_ranks",
     "first_hit_ranks",
     "fused_block_rows",
+    "fused_gallery_chunk",
     "format_recall_table",
     "gallery_sizes",
     "image_index_from_ids",
@@ -503,7 +504,7 @@ class DotProductBlock:
     """A :data:`ScoreBlock` of plain dot products, ``rows -> queries[rows] @ gallery.T``.
 
     ``out``, when given, is a ``[len(rows), n_gallery]`` buffer the block is written into (the same matrix
-    product, so the same values). :func:`dot_product_ranks` reuses one buffer for all its blocks: a fresh
+    product, so the same values); ``cols`` restricts the block to a slice of the gallery. :func:`dot_product_ranks` reuses one buffer for all its blocks: a fresh
     block of a few MiB per call is handed back to the operating system when freed and page-faulted in again
     by the next call, which on a 5,000 x 25,000 evaluation cost more time than the counting itself.
     """
@@ -512,10 +513,12 @@ class DotProductBlock:
         self.queries = queries  # [Nq, D]
         self.gallery = gallery  # [Ng, D]
 
-    def __call__(self, rows: slice, out: Tensor | None = None) -> Tensor:
+    def __call__(self, rows: slice, out: Tensor | None = None, cols: slice | None = None) -> Tensor:
+        # cols: a slice of the gallery (default: all of it); the block is then [len(rows), len(cols)]
+        gallery = self.gallery if cols is None else self.gallery[cols]
         if out is None:
-            return self.queries[rows] @ self.gallery.T
-        return torch.matmul(self.queries[rows], self.gallery.T, out=out)
+            return self.queries[rows] @ gallery.T
+        return torch.matmul(self.queries[rows], gallery.T, out=out)
 
 
 def dot_product_blocks(speech_emb: Tensor, image_emb: Tensor) -> tuple[DotProductBlock, DotProductBlock]:
@@ -532,8 +535,23 @@ _FUSED_BLOCK_BYTES = 4 << 20
 #: asks for fewer. Large galleries hit this floor: at 20k images, 52 rows (the 4 MiB budget) made the blocked
 #: products 1.32x the one full product, 96 rows 1.15x with 54 MiB extra in all, 128 rows 78 MiB (2 threads).
 _FUSED_MIN_ROWS = 96
+#: Bytes of the image embeddings one score block is computed against. A larger gallery is cut into column chunks
+#: of at most this size, each a separate pass over the captions: the chunk stays in the CPU cache across the
+#: caption blocks and the blocks get more rows for the same bytes. At 20k images x 100k captions (dim 512,
+#: 2 threads) full-width blocks of 96 rows cost 1.09x the one full product, 5,000-image chunks (209 rows) 0.93x:
+#: writing a 100k x 20k product to memory costs more than reading the captions four times.
+_FUSED_GALLERY_BYTES = 8 << 20
 #: Images per tile when the relevant scores are computed ahead of the main pass.
 _POSITIVE_TILE_IMAGES = 64
+
+
+def fused_gallery_chunk(n_images: int, dim: int, element_size: int) -> int:
+    """Images per column chunk of :func:`dot_product_ranks`: all of them when their embeddings fit in
+    :data:`_FUSED_GALLERY_BYTES`, else the gallery cut into equal chunks that do."""
+    if n_images <= 1:
+        return max(n_images, 1)
+    n_chunks = max(1, -(-n_images * max(dim, 1) * element_size // _FUSED_GALLERY_BYTES))
+    return -(-n_images // min(n_chunks, n_images))
 
 
 def fused_block_rows(n_captions: int, n_images: int, element_size: int, chunk_size: int) -> int:
@@ -566,17 +584,18 @@ def _scores_may_be_nan(speech_emb: Tensor, image_emb: Tensor) -> bool:
     return not bound < limit  # also True for a NaN or inf bound
 
 
-def _best_positive_scores(speech_emb: Tensor, image_emb: Tensor, caption_image: Tensor) -> Tensor:
-    """Per image, the best score of its captions (-inf for an image without captions), by small tiles.
+def _relevant_scores(speech_emb: Tensor, image_emb: Tensor, caption_image: Tensor) -> tuple[Tensor, Tensor]:
+    """Per caption, its score with its own image; per image, the best of those (-inf without captions).
 
-    The captions of a group of images against just those images: ``n_captions x _POSITIVE_TILE_IMAGES``
-    products, a few percent of the full product. Its values are checked against the main pass.
+    Computed by small tiles: the captions of a group of images against just those images,
+    ``n_captions x _POSITIVE_TILE_IMAGES`` products, a few percent of the full product. The values are checked
+    against the main pass of :func:`dot_product_ranks`.
     """
     n_images = len(image_emb)
     order = torch.argsort(caption_image, stable=True)
     ends = torch.cumsum(torch.bincount(caption_image, minlength=n_images), 0).tolist()
     dtype = torch.result_type(speech_emb, image_emb)
-    best = torch.full((n_images,), float("-inf"), dtype=dtype, device=speech_emb.device)
+    positive = torch.empty(len(speech_emb), dtype=dtype, device=speech_emb.device)
     width = min(_POSITIVE_TILE_IMAGES, n_images)
     for a in range(0, n_images, width):
         b = min(a + width, n_images)
@@ -587,9 +606,15 @@ def _best_positive_scores(speech_emb: Tensor, image_emb: Tensor, caption_image: 
         # with very few columns differently.
         first = b - width
         local = caption_image.to(speech_emb.device)[members] - first
-        tile = speech_emb[members] @ image_emb[first:b].T
-        best[first:b] = best[first:b].scatter_reduce(0, local, tile.gather(1, local[:, None])[:, 0], "amax")
-    return best
+        tile = speech_emb[members] @ image_emb[first:b].T  # [members, width]
+        positive[members] = tile.gather(1, local[:, None])[:, 0]
+    return _best_of(positive, caption_image.to(speech_emb.device), n_images), positive
+
+
+def _best_of(positive: Tensor, labels: Tensor, n_images: int) -> Tensor:
+    """Per image, the largest of its captions' scores (-inf for an image without captions)."""
+    return torch.full((n_images,), float("-inf"), dtype=positive.dtype, device=positive.device).scatter_reduce(
+        0, labels, positive, "amax")
 
 
 @torch.no_grad()
@@ -607,26 +632,30 @@ def dot_product_ranks(
     (``speech -> image`` ranks per caption, ``image -> speech`` ranks per image, 0 for an image without
     captions), at about the cost of one matrix product instead of two, and without sorting or top-K:
 
-    1. The best score of each image's own captions is computed first, from ``n_captions x 64`` tiles.
-    2. One pass over caption blocks ``speech_emb[rows] @ image_emb.T`` (cache-sized, see
-       :func:`fused_block_rows`): per row, the count of images ranked ahead of the caption's image
-       (speech -> image); per column, the count of captions ranked ahead of that image's best caption
-       (image -> speech, accumulated over blocks). Each block is read by two comparisons and discarded.
+    1. Each caption's score with its own image, and per image the best of them, are computed first, from
+       ``n_captions x 64`` tiles.
+    2. One pass over score blocks ``speech_emb[rows] @ image_emb[cols].T`` (cache-sized: a large gallery is cut
+       into column chunks, see :func:`fused_gallery_chunk`, and each chunk's caption blocks into rows, see
+       :func:`fused_block_rows`): per row, the count of the chunk's images ranked ahead of the caption's image
+       (speech -> image, accumulated over chunks); per column, the count of the block's captions ranked ahead of
+       that image's best caption (image -> speech, accumulated over blocks). Each block is read by two
+       comparisons and discarded.
     3. The relevant captions counted in step 2 are subtracted, from the scores the blocks gave them.
 
     Bit-identical results need the two directions to see the same scores. Here image -> speech reads the
     transposed blocks of ``speech_emb @ image_emb.T`` where :func:`dot_product_blocks` computes
-    ``image_emb @ speech_emb.T``; the two agree exactly whenever the scores are exact (e.g. small integers),
-    and MKL's float32 products gave equal values both ways on the random data of ``tests/test_metrics_blocks.py``
-    and ``benchmarks/eval_gemm_cost.py`` (which checks the results against the two-scorer path). Step 1's values are
-    compared with the scores the main pass gives the same pairs; if a BLAS kernel rounded them differently,
-    the image -> speech counts are redone with the main pass's values (a second pass), so the ranks are always
-    those of the main pass's scores.
+    ``image_emb @ speech_emb.T``, and blocks of a column chunk where the two-scorer path multiplies by the whole
+    gallery; the two agree exactly whenever the scores are exact (e.g. small integers), and MKL's float32 products
+    gave equal values every way on the random data of ``tests/test_metrics_blocks.py`` and
+    ``benchmarks/eval_gemm_cost.py`` (which checks the results against the two-scorer path). Step 1's values are
+    compared with the scores the main pass gives the same pairs; if a BLAS kernel rounded them differently, the
+    counts are redone with the main pass's values (a second pass), so the ranks are always those of the main
+    pass's scores.
 
     Scores are checked for NaN block by block only when the embeddings allow one (see
     :func:`_scores_may_be_nan`); otherwise a NaN-free result is certain without reading the blocks again.
 
-    Memory: one ``[rows, n_images]`` block (reused for every block when the scorer is a :class:`DotProductBlock`)
+    Memory: one ``[rows, chunk]`` block (reused for every block when the scorer is a :class:`DotProductBlock`)
     and its boolean mask, plus ``O(n_captions + n_images)``.
     """
     _check_embeddings(speech_emb, image_emb)
@@ -639,21 +668,22 @@ def dot_product_ranks(
     device = speech_emb.device
     labels = caption_image.to(device)
     speech_block, _ = dot_product_blocks(speech_emb, image_emb)
-    rows_per_block = fused_block_rows(n_captions, n_images, speech_emb.element_size(), chunk_size)
-    best = _best_positive_scores(speech_emb, image_emb, caption_image)
-    positive = torch.empty(n_captions, dtype=best.dtype, device=device)
-    s2i = torch.empty(n_captions, dtype=torch.long, device=device)
-    ahead_of_image = torch.zeros(n_images, dtype=torch.long, device=device)
-    mask = torch.empty((rows_per_block, n_images), dtype=torch.bool, device=device)
+    element_size = torch.empty((), dtype=torch.result_type(speech_emb, image_emb)).element_size()
+    fused = isinstance(speech_block, DotProductBlock)
+    # Any other scorer returns whole rows: one chunk, the whole gallery.
+    width = fused_gallery_chunk(n_images, speech_emb.shape[1], element_size) if fused else max(n_images, 1)
+    rows_per_block = fused_block_rows(n_captions, width, element_size, chunk_size)
+    best, expected = _relevant_scores(speech_emb, image_emb, caption_image)
+    mask = torch.empty((rows_per_block, width), dtype=torch.bool, device=device)
     # One score buffer for every block (see DotProductBlock); any other scorer returns its own blocks.
-    into: Tensor | None = None
-    if isinstance(speech_block, DotProductBlock):
-        into = torch.empty((rows_per_block, n_images), dtype=best.dtype, device=device)
+    into = torch.empty((rows_per_block, width), dtype=best.dtype, device=device) if fused else None
+    chunks = [slice(c, min(c + width, n_images)) for c in range(0, n_images, width)] or [slice(0, 0)]
 
-    def block(rows: slice) -> Tensor:
+    def block(rows: slice, cols: slice) -> Tensor:
         if into is None:
             return check_block(speech_block, rows, n_images)
-        return speech_block(rows, out=into[: rows.stop - rows.start])  # [rows, n_images]
+        out = into[: rows.stop - rows.start, : cols.stop - cols.start]
+        return speech_block(rows, out=out, cols=None if len(chunks) == 1 else cols)  # [rows, cols]
 
     # Another scorer's blocks are not bounded by the embeddings: always checked.
     may_be_nan = into is None or _scores_may_be_nan(speech_emb, image_emb)
@@ -663,27 +693,35 @@ def dot_product_ranks(
 
     def count(scores: Tensor, threshold: Tensor, dim: int) -> Tensor:
         # A bool tensor viewed as uint8 sums straight into int32, without an int64 copy of the block.
-        out = compare(scores, threshold, out=mask[: scores.shape[0]])
+        out = compare(scores, threshold, out=mask[: scores.shape[0], : scores.shape[1]])
         return out.view(torch.uint8).sum(dim=dim, dtype=torch.int32)
 
-    for start in range(0, n_captions, rows_per_block):
-        rows = slice(start, min(start + rows_per_block, n_captions))
-        scores = block(rows)
-        if may_be_nan:
-            check_no_nan(scores)
-        own = scores.gather(1, labels[rows, None])
-        positive[rows] = own[:, 0]
-        s2i[rows] = 1 + count(scores, own, 1) - self_count
-        ahead_of_image += count(scores, best[None, :], 0)
-        del scores
+    def counting_pass(positive: Tensor, best: Tensor, record: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Per caption the images ranked ahead of its own, per image the captions ahead of its best; ``record``
+        receives the scores the blocks give each caption with its own image."""
+        ahead_of_caption = torch.zeros(n_captions, dtype=torch.long, device=device)
+        ahead_of_image = torch.zeros(n_images, dtype=torch.long, device=device)
+        for cols in chunks:
+            own_here = (labels >= cols.start) & (labels < cols.stop)  # [n_captions]: image in this chunk
+            for start in range(0, n_captions, rows_per_block):
+                rows = slice(start, min(start + rows_per_block, n_captions))
+                scores = block(rows, cols)  # [rows, cols]
+                if may_be_nan:
+                    check_no_nan(scores)
+                ahead_of_caption[rows] += count(scores, positive[rows, None], 1)
+                ahead_of_image[cols] += count(scores, best[None, cols], 0)
+                if record is not None:
+                    here = own_here[rows].nonzero()[:, 0]  # [n]: rows whose own image is in the chunk
+                    record[start + here] = scores[here, labels[start + here] - cols.start]
+                del scores
+        return ahead_of_caption, ahead_of_image
 
-    from_main = torch.full_like(best, float("-inf")).scatter_reduce(0, labels, positive, "amax")
-    if not torch.equal(from_main, best):
-        best = from_main
-        ahead_of_image.zero_()
-        for start in range(0, n_captions, rows_per_block):
-            rows = slice(start, min(start + rows_per_block, n_captions))
-            ahead_of_image += count(block(rows), best[None, :], 0)
+    positive = torch.empty_like(expected)
+    ahead_of_caption, ahead_of_image = counting_pass(expected, best, positive)
+    if not torch.equal(positive, expected):  # a BLAS kernel rounded the tiles differently: count the main values
+        best = _best_of(positive, labels, n_images)
+        ahead_of_caption, ahead_of_image = counting_pass(positive, best, None)
+    s2i = 1 + ahead_of_caption - self_count
     relevant_ahead = torch.zeros_like(ahead_of_image).scatter_add_(
         0, labels, compare(positive, best[labels]).long()
     )
