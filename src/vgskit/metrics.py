@@ -504,9 +504,10 @@ class DotProductBlock:
     """A :data:`ScoreBlock` of plain dot products, ``rows -> queries[rows] @ gallery.T``.
 
     ``out``, when given, is a ``[len(rows), n_gallery]`` buffer the block is written into (the same matrix
-    product, so the same values); ``cols`` restricts the block to a slice of the gallery. :func:`dot_product_ranks` reuses one buffer for all its blocks: a fresh
-    block of a few MiB per call is handed back to the operating system when freed and page-faulted in again
-    by the next call, which on a 5,000 x 25,000 evaluation cost more time than the counting itself.
+    product, so the same values); ``cols`` restricts the block to a slice of the gallery.
+    :func:`dot_product_ranks` reuses one buffer for all its blocks: a fresh block of a few MiB per call is handed
+    back to the operating system when freed and page-faulted in again by the next call, which on a
+    5,000 x 25,000 evaluation cost more time than the counting itself.
     """
 
     def __init__(self, queries: Tensor, gallery: Tensor):
@@ -538,8 +539,9 @@ _FUSED_MIN_ROWS = 96
 #: Bytes of the image embeddings one score block is computed against. A larger gallery is cut into column chunks
 #: of at most this size, each a separate pass over the captions: the chunk stays in the CPU cache across the
 #: caption blocks and the blocks get more rows for the same bytes. At 20k images x 100k captions (dim 512,
-#: 2 threads) full-width blocks of 96 rows cost 1.09x the one full product, 5,000-image chunks (209 rows) 0.93x:
-#: writing a 100k x 20k product to memory costs more than reading the captions four times.
+#: 2 threads) full-width blocks of 96 rows cost 1.09x the one full product, 5,000-image chunks (209 rows) 0.93x,
+#: 4,000-image chunks (262 rows, this budget) 0.90x: writing a 100k x 20k product to memory costs more than
+#: reading the captions five times.
 _FUSED_GALLERY_BYTES = 8 << 20
 #: Images per tile when the relevant scores are computed ahead of the main pass.
 _POSITIVE_TILE_IMAGES = 64
