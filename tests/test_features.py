@@ -111,3 +111,20 @@ def test_chunked_front_end_matches_whole_batch(monkeypatch) -> None:
     whole = LogMel()(wavs, lengths)[0]
     monkeypatch.setattr(features, "_CHUNK_SAMPLES", 12000)  # two utterances per chunk: 3 chunks
     torch.testing.assert_close(LogMel()(wavs, lengths)[0], whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_shorter_than_one_window_gets_one_frame_as_in_a_zero_padded_batch() -> None:
+    torch.manual_seed(0)
+    frontend = LogMel(LogMelConfig(normalize=False)).double()
+    short = torch.randn(2, 100, dtype=torch.float64) * 0.2  # 100 samples < n_fft = 400
+    lengths = torch.tensor([100, 60])
+    feats, frames = frontend(short, lengths)
+    assert frames.tolist() == [1, 1] and feats.shape == (2, 40, 1)
+    # The same utterances in a batch that a longer one zero-pads: the one frame is the same.
+    padded = torch.cat([short, torch.zeros(2, 700, dtype=torch.float64)], dim=1)
+    feats_padded, _ = frontend(padded, lengths)
+    torch.testing.assert_close(feats[:, :, 0], feats_padded[:, :, 0], atol=1e-12, rtol=0)
+    # A zero-length waveform is one frame of silence at the log floor, not a crash.
+    empty, n = frontend(torch.zeros(1, 0, dtype=torch.float64), torch.tensor([0]))
+    assert n.tolist() == [1]
+    torch.testing.assert_close(empty, torch.full((1, 40, 1), math.log(frontend.config.log_floor), dtype=torch.float64))

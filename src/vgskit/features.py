@@ -136,6 +136,9 @@ class LogMel(nn.Module):
         # No autograd (no parameters here) and no autocast: in bf16 the power spectrum and the one-pass
         # variance below would lose most of their precision.
         with torch.no_grad(), torch.autocast(wavs.device.type, enabled=False):
+            if wavs.shape[-1] < cfg.n_fft:
+                # A batch shorter than one window: zero-pad it to one frame, as a longer batch's padding would.
+                wavs = torch.nn.functional.pad(wavs, (0, cfg.n_fft - wavs.shape[-1]))
             # computed in the dtype of the buffers (float32 unless the module was cast, e.g. .double())
             feats = self.mel_power(wavs.to(self.window.dtype)).clamp_(min=cfg.log_floor).log_()  # [B, M, N]
             frames = self.frame_lengths(lengths)  # [B]
