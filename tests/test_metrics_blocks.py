@@ -28,6 +28,32 @@ def two_scorer_ranks(
     return s2i, i2s
 
 
+def _shift_relevant_scores(monkeypatch: pytest.MonkeyPatch, towards: float) -> None:
+    """Make the tiles' relevant scores one ulp off the main pass's (as another BLAS kernel might round them)."""
+    original = metrics._relevant_scores
+
+    def off_by_one_ulp(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, positive = original(*args)
+        shifted = torch.nextafter(positive, torch.full_like(positive, towards))
+        return metrics._best_of(shifted, args[2], len(args[1])), shifted
+
+    monkeypatch.setattr(metrics, "_relevant_scores", off_by_one_ulp)
+
+
+def _record_dot_product_blocks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The shapes of the dot-product blocks computed from now on, in order."""
+    shapes: list[tuple[int, int]] = []
+    original = metrics.DotProductBlock.__call__
+
+    def recording(self, rows, out=None, cols=None):  # type: ignore[no-untyped-def]
+        result = original(self, rows, out=out, cols=cols)
+        shapes.append(tuple(result.shape))  # type: ignore[arg-type]
+        return result
+
+    monkeypatch.setattr(metrics.DotProductBlock, "__call__", recording)
+    return shapes
+
+
 @pytest.mark.parametrize("ties", ["pessimistic", "optimistic"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 @pytest.mark.parametrize(("seed", "quantised"), [(0, True), (1, True), (2, False), (3, False)])
@@ -61,14 +87,7 @@ def test_one_pass_recounts_when_the_relevant_scores_disagree(monkeypatch: pytest
     the main pass: both directions are counted again with its values."""
     speech, image, caption_image = make_data(5, n_images=30, dim=5, quantised=False)
     want = two_scorer_ranks(speech, image, caption_image, 16, "pessimistic")
-    original = metrics._relevant_scores
-
-    def off_by_one_ulp(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best, positive = original(*args)
-        up = torch.nextafter(positive, torch.full_like(positive, float("inf")))
-        return metrics._best_of(up, args[2], len(args[1])), up
-
-    monkeypatch.setattr(metrics, "_relevant_scores", off_by_one_ulp)
+    _shift_relevant_scores(monkeypatch, float("inf"))
     calls: list[int] = []
     blocks = metrics.dot_product_blocks
 
@@ -98,18 +117,10 @@ def test_gallery_chunks_give_the_same_ranks(monkeypatch: pytest.MonkeyPatch, see
     monkeypatch.setattr(metrics, "_FUSED_GALLERY_BYTES", chunk_images * 4 * 4)  # chunk_images images of dim 4
     width = metrics.fused_gallery_chunk(len(image), 4, 4)
     assert width == -(-23 // -(-23 // chunk_images))  # equal chunks of at most chunk_images
-    shapes: list[tuple[int, int]] = []
-    original = metrics.DotProductBlock.__call__
-
-    def recording(self, rows, out=None, cols=None):  # type: ignore[no-untyped-def]
-        result = original(self, rows, out=out, cols=cols)
-        shapes.append(tuple(result.shape))  # type: ignore[arg-type]
-        return result
-
-    monkeypatch.setattr(metrics.DotProductBlock, "__call__", recording)
-    got = dot_product_ranks(speech, image, caption_image, chunk_size=chunk, ties=ties)  # type: ignore[arg-type]
-    monkeypatch.setattr(metrics.DotProductBlock, "__call__", original)
     want = two_scorer_ranks(speech, image, caption_image, chunk, ties)
+    shapes = _record_dot_product_blocks(monkeypatch)
+    got = dot_product_ranks(speech, image, caption_image, chunk_size=chunk, ties=ties)  # type: ignore[arg-type]
+    shapes = list(shapes)  # the blocks of this call only
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert all(cols <= width and rows <= chunk for rows, cols in shapes)
     scored = sum(rows * cols for rows, cols in shapes)
@@ -126,26 +137,12 @@ def test_gallery_chunks_recount_when_the_relevant_scores_disagree(monkeypatch: p
     speech, image, caption_image = make_data(5, n_images=30, dim=5, quantised=False)
     want = two_scorer_ranks(speech, image, caption_image, 16, "pessimistic")
     monkeypatch.setattr(metrics, "_FUSED_GALLERY_BYTES", 7 * 5 * 4)  # 5 chunks of 6 images
-    original = metrics._relevant_scores
-
-    def off_by_one_ulp(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        best, positive = original(*args)
-        down = torch.nextafter(positive, torch.full_like(positive, float("-inf")))
-        return metrics._best_of(down, args[2], len(args[1])), down
-
-    monkeypatch.setattr(metrics, "_relevant_scores", off_by_one_ulp)
-    pairs: list[int] = []
-    call = metrics.DotProductBlock.__call__
-
-    def counting(self, rows, out=None, cols=None):  # type: ignore[no-untyped-def]
-        result = call(self, rows, out=out, cols=cols)
-        pairs.append(result.numel())
-        return result
-
-    monkeypatch.setattr(metrics.DotProductBlock, "__call__", counting)
+    _shift_relevant_scores(monkeypatch, float("-inf"))
+    shapes = _record_dot_product_blocks(monkeypatch)
     got = dot_product_ranks(speech, image, caption_image, chunk_size=16)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert sum(pairs) == 2 * len(speech) * len(image)  # main pass + the recount
+    assert max(cols for _, cols in shapes) == 6
+    assert sum(rows * cols for rows, cols in shapes) == 2 * len(speech) * len(image)  # main pass + the recount
 
 
 @pytest.mark.parametrize(("n_images", "dim", "chunks"),
