@@ -323,6 +323,9 @@ def ann_part(n: int) -> dict:
             "exact_batched_ms_per_query": round(exact_ms, 2), "queries": int(q.shape[0])}
 
 
+GALLERY_SEED = 9_000_001  # not a seed of any corpus preset, so no gallery scene is a corpus scene by construction
+
+
 def _render_chunk(task: tuple[int, int, int]) -> np.ndarray:
     """Rendered scenes ``[m, S, S, 3]`` uint8 for gallery rows ``start .. start + m`` (a worker process)."""
     from vgskit.data import synthetic as sy
@@ -341,9 +344,6 @@ def _render_chunk(task: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-GALLERY_SEED = 9_000_001  # not a seed of any corpus preset, so no gallery scene is a corpus scene by construction
-
-
 def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chunk: int = 4096) -> np.ndarray:
     """``[rows, D]`` float32 image embeddings of newly rendered scenes, cached (and resumed) in ``work_dir``."""
     import hashlib
@@ -354,6 +354,7 @@ def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chu
     from vgskit.contract import ImageInputs
     from vgskit.fileio import write_text_atomic
     from vgskit.images import ImageTransform
+    from vgskit.precision import autocast, resolve_precision
     from vgskit.train.checkpoint import resolve_model_folder
 
     # Keyed by the weights themselves, so a model retrained into the same folder never reuses stale embeddings.
@@ -368,6 +369,7 @@ def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chu
     size = int(transform.size)
     mean = torch.tensor(transform.mean).view(1, 3, 1, 1)
     std = torch.tensor(transform.std).view(1, 3, 1, 1)
+    precision = resolve_precision("bf16")  # fp32 where the CPU has no native bf16
     tasks = [(s, min(chunk, rows - s), size) for s in range(done, rows, chunk)]
     bar = tqdm(total=rows, initial=done, desc="gallery (render + embed)", unit="image")
     # One process renders the next chunk while this one embeds the current one.
@@ -376,7 +378,7 @@ def trained_gallery(model: Any, rows: int, work_dir: Path, checkpoint: Path, chu
             x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255.0)
             x = (x - mean) / std  # the model's normalisation; scenes are rendered at its input size
             for b in range(0, m, 256):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+                with autocast(precision):
                     e = model.embed_image(ImageInputs.from_pixels(x[b:b + 256])).pooled
                 e = torch.nn.functional.normalize(e.float(), dim=-1)
                 emb[start + b:start + b + e.shape[0]] = e.numpy()
@@ -421,7 +423,8 @@ def ann_trained_part(checkpoint: Path, manifest: Path, rows: int, work_dir: Path
             "queries": f"{queries.shape[0]} speech embeddings of the spoken test captions of {manifest}",
             "gallery_embed_s": round(gallery_s, 1), "kind": engine.index_kind, "params": engine.index_info["params"],
             "build_s": round(build_s, 1), "build_recall_at_10": engine.index_info["recall_at_10"],
-            "build_recall_queries": f"{engine.index_info['recall_queries']} spoken validation captions",
+            "build_recall_queries": (f"{engine.index_info['recall_queries']} spoken validation captions"
+                                     if "recall_queries" in engine.index_info else "none (exact index)"),
             "ms_per_query": round(per_query, 3), "recall_at_10_vs_exact": round(overlap(torch.tensor(found), truth), 4),
             "exact_batched_ms_per_query": round(exact_ms, 2)}
 

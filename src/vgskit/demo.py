@@ -6,8 +6,8 @@
 4. build a search index of the test images and answer a few spoken queries;
 5. write ``report.html`` (recall table, training curve, top-5 images per sample query) and ``results.json``.
 
-Runs on two CPU cores in about 7.5 minutes on an AMD EPYC (13–14 expected on the slower Intel machines of the same
-size; 1.5 minutes less once the corpus is cached). An interrupted demo continues from its last checkpoint when
+Runs on two CPU cores in about 6.5 minutes on an AMD EPYC (10–12 expected, not measured, on the slower Intel machines
+of the same size; 1.5 minutes less once the corpus is cached). An interrupted demo continues from its last checkpoint when
 started again with the same ``--out``, and a finished run is reused (evaluation and report are redone);
 use another ``--out`` for a new run.
 """

@@ -616,7 +616,7 @@ def reply(status, rate, payload=b""):
     write_all(1, struct.pack("<iiQ", status, rate, len(payload)) + payload)
 
 
-def speak(lib, request, chunks):
+def speak(lib, request):
     voice = request["voice"].encode()
     status = lib.espeak_ng_SetVoiceByName(voice)
     if status != 0:
@@ -673,7 +673,7 @@ def main():
             code = 3
             try:
                 os.close(r)
-                if speak(lib, json.loads(request), chunks) == 0:
+                if speak(lib, json.loads(request)) == 0:
                     write_all(w, b"".join(chunks))
                     code = 0
                 else:

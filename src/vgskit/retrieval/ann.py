@@ -271,30 +271,26 @@ def build_ann(gallery: np.ndarray, choice: AnnChoice, *, seed: int = 0, target_r
         index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, int(choice.params["M"]),
                                   faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(choice.params["ef_construction"])
-        sample = x[np.sort(rng.choice(n, size=min(n, 65536), replace=False))]
-        index.train(sample)
+        train_rows = 65536
         ladder = _EF_LADDER
-    elif choice.kind == "ivfsq":
+    elif choice.kind in ("ivfsq", "ivfpq"):
         nlist = int(choice.params["nlist"])
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
-                                              faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index.train(sample)
-        ladder = tuple(p for p in _NPROBE_LADDER if p <= nlist) or (nlist,)
-    elif choice.kind == "ivfpq":
-        nlist, m, nbits = (int(choice.params[key]) for key in ("nlist", "m", "nbits"))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        train_rows = 64 * nlist
+        if choice.kind == "ivfsq":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit,
+                                                  faiss.METRIC_INNER_PRODUCT)
+        else:
+            m, nbits = int(choice.params["m"]), int(choice.params["nbits"])
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+            index.pq.cp.seed = seed
+            # k-means wants >= 39 points per centroid: the lists' and the PQ's 2^nbits
+            train_rows = max(train_rows, 40 * 2**nbits)
         index.cp.seed = seed  # deterministic k-means, so a rebuild gives the same index
-        index.pq.cp.seed = seed
-        # k-means wants >= 39 points per centroid: the lists' and the PQ's 2^nbits
-        sample = x[np.sort(rng.choice(n, size=min(n, max(64 * nlist, 40 * 2**nbits)), replace=False))]
-        index.train(sample)
         ladder = tuple(p for p in _NPROBE_LADDER if p <= nlist) or (nlist,)
     else:
         raise AnnError(f"build_ann: index kind {choice.kind!r} is not approximate")
+    index.train(x[np.sort(rng.choice(n, size=min(n, train_rows), replace=False))])
     index.add(x)
     ann = AnnIndex(choice.kind, index, choice.params)
     if queries is not None and len(queries):
